@@ -1,0 +1,51 @@
+"""autorank: automatic per-layer low-rank compression of PyTorch models under a budget.
+
+    result = autorank.optimize(model, budget=0.3, example_inputs=x)
+    result.model, result.plan, print(result.summary())
+
+The steps ``optimize`` is built from are public for experts: :func:`analyze`
+(layer graph), :func:`build_curves` (local step), :func:`allocate` (global step),
+:func:`realize` (modules), :func:`save` / :func:`load`.
+"""
+
+from .api import OptimizeResult, allocate, optimize
+from .config import CurveConfig, SolverConfig
+from .curves import LayerCurves, build_curves
+from .families import Family, available_families, get_family, register_family
+from .graph import LayerGraph, LayerInfo, analyze, count_flops, count_params
+from .io import load, load_plan, save
+from .layers import LayerHandler, register_layer_handler
+from .modules import GroupedLowRankConv, GroupedLowRankLinear
+from .plan import LayerPlan, Plan
+from .realize import realize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "optimize",
+    "OptimizeResult",
+    "allocate",
+    "analyze",
+    "build_curves",
+    "realize",
+    "save",
+    "load",
+    "load_plan",
+    "CurveConfig",
+    "SolverConfig",
+    "Plan",
+    "LayerPlan",
+    "LayerCurves",
+    "LayerGraph",
+    "LayerInfo",
+    "Family",
+    "register_family",
+    "get_family",
+    "available_families",
+    "LayerHandler",
+    "register_layer_handler",
+    "GroupedLowRankLinear",
+    "GroupedLowRankConv",
+    "count_params",
+    "count_flops",
+]

@@ -1,0 +1,237 @@
+"""The front door: :func:`optimize`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch.nn as nn
+
+from .config import CurveConfig, SolverConfig, check_budget, check_metric
+from .curves import LayerCurves, build_curves
+from .graph import LayerGraph, analyze, count_flops, count_params
+from .plan import LayerPlan, Plan
+from .realize import realize
+from .solver import Infeasible, network_bound, solve_minmax, solve_sum_dp, solve_sum_lagrangian
+
+__all__ = ["optimize", "allocate", "make_plan", "OptimizeResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizeResult:
+    """What :func:`optimize` returns.
+
+    model:   the compressed model (a new module unless ``inplace=True``).
+    plan:    per-layer decisions and measured totals (:class:`autorank.Plan`).
+    graph:   the analysed layer graph of the original model.
+    curves:  the candidates of every layer (``{name: LayerCurves}``).
+    timings: seconds spent in each stage.
+    """
+
+    model: nn.Module
+    plan: Plan
+    graph: LayerGraph
+    curves: dict[str, LayerCurves]
+    timings: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self, max_rows: int | None = None) -> str:
+        """Per-layer table and measured totals."""
+        return self.plan.summary(max_rows=max_rows)
+
+    def save(self, path) -> Any:
+        """Save the plan (JSON) and the compressed weights (safetensors) into directory ``path``."""
+        from .io import save
+
+        return save(self.model, self.plan, path)
+
+
+def _as_config(value: Any, cls: type, name: str):
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**value)
+    raise TypeError(f"{name} must be a {cls.__name__}, a dict of its fields or None, got {type(value).__name__}")
+
+
+def allocate(
+    curves: Mapping[str, LayerCurves],
+    budget: float,
+    metric: str,
+    total: int,
+    fixed: int,
+    solver: SolverConfig | None = None,
+) -> tuple[dict[str, int], float]:
+    """Solve the global step: one candidate index per layer with ``fixed + sum(cost) <= budget * total``.
+
+    Returns ``({layer: candidate index}, largest error)``.
+
+    Raises:
+        ValueError: the budget cannot be met; the message gives the smallest reachable budget.
+    """
+    solver = solver or SolverConfig()
+    names = list(curves)
+    errors = [curves[n].error for n in names]
+    costs = [curves[n].cost(metric).astype(np.float64) for n in names]
+    room = budget * total - fixed
+    try:
+        if solver.objective == "max":
+            choice, tau = solve_minmax(errors, costs, room, fill=solver.fill)
+        elif solver.method == "dp":
+            choice = solve_sum_dp(errors, costs, room, bins=solver.dp_bins)
+        else:
+            choice = solve_sum_lagrangian(errors, costs, room)
+    except Infeasible as exc:
+        smallest = (fixed + exc.minimum) / total
+        raise ValueError(
+            f"budget={budget:g} of {metric} cannot be reached: the smallest reachable budget is "
+            f"{smallest:.4f} ({fixed:,} of the {total:,} {metric} cannot be compressed, and every "
+            "compressible layer is already at its cheapest candidate)"
+        ) from None
+    picked = {n: int(c) for n, c in zip(names, choice)}
+    worst = max((float(curves[n].error[i]) for n, i in picked.items()), default=0.0)
+    return picked, worst
+
+
+def make_plan(
+    curves: Mapping[str, LayerCurves],
+    picked: Mapping[str, int],
+    metric: str,
+    budget: float,
+    objective: str,
+    skipped: Mapping[str, str] | None = None,
+    config: dict[str, Any] | None = None,
+) -> Plan:
+    """The :class:`Plan` for candidate ``picked[name]`` of every layer's curves."""
+    layers: dict[str, LayerPlan] = {}
+    for name, idx in picked.items():
+        lc = curves[name]
+        cand = lc.candidate(idx)
+        info = lc.info
+        layers[name] = LayerPlan(
+            name=name, kind=info.kind, shape=[info.out_features, info.in_channels, *info.kernel],
+            family=cand["family"], hyper=cand["hyper"], error=cand["error"],
+            error_lower=cand["error_lower"], dense_params=info.dense_params, params=cand["params"],
+            dense_flops=info.dense_flops, flops=cand["flops"],
+        )
+    errs = np.array([lp.error for lp in layers.values()])
+    return Plan(
+        metric=metric, budget=budget, objective=objective, layers=layers, skipped=dict(skipped or {}),
+        max_error=float(errs.max()) if len(errs) else 0.0, network_bound=network_bound(errs),
+        config=dict(config or {}),
+    )
+
+
+def optimize(
+    model: nn.Module,
+    budget: float,
+    example_inputs: Any,
+    *,
+    metric: str = "params",
+    exclude: Iterable[str] = (),
+    curves: CurveConfig | Mapping[str, Any] | None = None,
+    solver: SolverConfig | Mapping[str, Any] | None = None,
+    inplace: bool = False,
+    progress: bool | None = None,
+) -> OptimizeResult:
+    """Compress ``model`` by per-layer low-rank factorisation so that at most ``budget`` of it remains.
+
+    Args:
+        model: any ``nn.Module`` that runs forward on ``example_inputs``.
+        budget: the fraction in (0, 1] of the whole model's ``metric`` that may remain,
+            counting the parameters (or FLOPs) that cannot be compressed.
+        example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword
+            inputs; one forward pass is run to find the layers and their output sizes.
+        metric: ``"params"`` or ``"flops"`` (multiply-accumulates over ``example_inputs``).
+        exclude: ``fnmatch`` patterns of qualified module names to keep dense.
+        curves: :class:`CurveConfig` (families, candidate groups, error bound).
+        solver: :class:`SolverConfig` (objective and method of the global step).
+        inplace: modify ``model`` itself; by default it is left untouched.
+        progress: show progress bars (``None``: only on a terminal).
+
+    Returns:
+        :class:`OptimizeResult` with the compressed model, the plan and the measured totals.
+
+    Raises:
+        TypeError / ValueError: bad arguments, no compressible layer, or an unreachable
+            budget (the message states the smallest reachable one).
+        RuntimeError: the forward pass on ``example_inputs`` failed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    budget = check_budget(budget)
+    metric = check_metric(metric)
+    curve_cfg = _as_config(curves, CurveConfig, "curves")
+    solver_cfg = _as_config(solver, SolverConfig, "solver")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {inplace!r}")
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    try:
+        exclude = tuple(exclude)
+    except TypeError:
+        raise TypeError(f"exclude must be a sequence of name patterns, got {exclude!r}") from None
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    work = model if inplace else copy.deepcopy(model)
+    graph = analyze(work, example_inputs, exclude)
+    timings["analyze"] = time.perf_counter() - t0
+    if not graph.layers:
+        why = "; ".join(f"{n}: {r}" for n, r in list(graph.skipped.items())[:5]) or "no Linear/Conv1d/Conv2d layer"
+        raise ValueError(f"{type(model).__name__} has no compressible layer ({why})")
+    total = graph.total_params if metric == "params" else graph.total_flops
+    if total <= 0:
+        raise ValueError(f"the model's total {metric} on example_inputs is {total}; nothing to budget")
+
+    t = time.perf_counter()
+    layer_curves, no_gain = build_curves(work, graph, curve_cfg, metric, progress)
+    timings["curves"] = time.perf_counter() - t
+    skipped = {**graph.skipped, **no_gain}
+    if not layer_curves:
+        raise ValueError(f"{type(model).__name__} has no layer whose factorisation is cheaper than dense")
+
+    dense_cost = {n: (lc.info.dense_params if metric == "params" else lc.info.dense_flops)
+                  for n, lc in layer_curves.items()}
+    fixed = total - sum(dense_cost.values())
+    t = time.perf_counter()
+    picked, worst = allocate(layer_curves, budget, metric, total, fixed, solver_cfg)
+    timings["solve"] = time.perf_counter() - t
+
+    plan = make_plan(layer_curves, picked, metric, budget, solver_cfg.objective, skipped,
+                     config={"curves": curve_cfg.to_dict(), "solver": solver_cfg.to_dict(),
+                             "exclude": list(exclude)})
+
+    t = time.perf_counter()
+    realize(work, plan, inplace=True)
+    timings["realize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    measured = {
+        "params_before": graph.total_params,
+        "flops_before": graph.total_flops,
+        "params": count_params(work),
+        "flops": count_flops(work, example_inputs),
+    }
+    timings["measure"] = time.perf_counter() - t
+    plan.totals = measured
+    predicted = fixed + sum(float(layer_curves[n].cost(metric)[i]) for n, i in picked.items())
+    if measured[metric] != round(predicted):
+        log.warning("measured %s (%d) differ from the plan's prediction (%d)", metric, measured[metric], predicted)
+    if measured[metric] > budget * total * (1 + 1e-9):
+        raise RuntimeError(
+            f"internal error: the realised model has {measured[metric]:,} {metric}, over the budget "
+            f"{budget:g} x {total:,}; please report this with the model"
+        )
+    timings["total"] = time.perf_counter() - t0
+    log.info("optimize: %s budget %.3f -> %.4f measured, largest error %.4f, %.2fs",
+             metric, budget, measured[metric] / total, worst, timings["total"])
+    return OptimizeResult(model=work, plan=plan, graph=graph, curves=layer_curves, timings=timings)

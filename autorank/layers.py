@@ -1,0 +1,99 @@
+"""Layer handlers: which module types are compressible, and how to read them.
+
+A handler describes one module type as a matrix problem.  Register your own with
+:func:`register_layer_handler`; lookup follows the class hierarchy, so subclasses
+of ``nn.Linear`` are handled like ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["LayerHandler", "register_layer_handler", "get_layer_handler"]
+
+
+@dataclass(frozen=True)
+class LayerHandler:
+    """How autorank reads one module type.
+
+    kind:
+        short name used in plans and reports (``"linear"``, ``"conv2d"``, ...).
+    geometry:
+        ``module -> (out_features f, in_channels c, kernel tuple)``; the weight
+        matrix is ``f x (c * prod(kernel))``.
+    weight_matrix:
+        ``module -> Tensor (f, c*prod(kernel))``, columns grouped by input channel.
+    skip_reason:
+        ``module -> str | None``; a reason why this instance cannot be factorised.
+    """
+
+    kind: str
+    geometry: Callable[[nn.Module], tuple[int, int, tuple[int, ...]]]
+    weight_matrix: Callable[[nn.Module], torch.Tensor]
+    skip_reason: Callable[[nn.Module], str | None]
+
+
+_HANDLERS: dict[type, LayerHandler] = {}
+
+
+def register_layer_handler(module_type: type, handler: LayerHandler) -> None:
+    """Register (or replace) the handler for ``module_type``."""
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not isinstance(handler, LayerHandler):
+        raise TypeError(f"handler must be a LayerHandler, got {type(handler).__name__}")
+    _HANDLERS[module_type] = handler
+
+
+def get_layer_handler(module: nn.Module) -> LayerHandler | None:
+    """The handler for ``module``'s type (nearest registered base class), or None."""
+    for cls in type(module).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    return None
+
+
+def _conv_skip(module: nn.Module) -> str | None:
+    if module.groups != 1:
+        kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        return f"{kind} convolution (groups={module.groups})"
+    if isinstance(module.padding, str) and module.padding == "same" and any(
+        s != 1 for s in module.stride
+    ):
+        return "padding='same' with stride > 1"
+    return None
+
+
+def _conv_geometry(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
+    return module.out_channels, module.in_channels, tuple(module.kernel_size)
+
+
+def _conv_matrix(module: nn.Module) -> torch.Tensor:
+    return module.weight.reshape(module.out_channels, -1)
+
+
+register_layer_handler(
+    nn.Linear,
+    LayerHandler(
+        kind="linear",
+        geometry=lambda m: (m.out_features, m.in_features, ()),
+        weight_matrix=lambda m: m.weight,
+        skip_reason=lambda m: None,
+    ),
+)
+for _cls, _kind in ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d")):
+    register_layer_handler(
+        _cls,
+        LayerHandler(kind=_kind, geometry=_conv_geometry, weight_matrix=_conv_matrix,
+                     skip_reason=_conv_skip),
+    )
+
+
+def kernel_numel(kernel: tuple[int, ...]) -> int:
+    """Number of taps of a kernel (1 for a Linear)."""
+    return math.prod(kernel) if kernel else 1

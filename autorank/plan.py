@@ -1,0 +1,137 @@
+"""A plan is data: per layer, the chosen family, hyperparameters, error and cost.
+
+Plans are versioned, JSON-serialisable and printable as a table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerPlan", "Plan", "PLAN_VERSION"]
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    """The decision for one compressible layer (``family == "dense"`` keeps it as it is)."""
+
+    name: str
+    kind: str  # "linear", "conv1d", "conv2d", ...
+    shape: list[int]  # weight shape
+    family: str
+    hyper: dict[str, int]  # e.g. {"groups": k, "rank": j} for ALDS
+    error: float  # predicted relative operator-norm error (see docs/concepts.md)
+    error_lower: float  # the reference's lower bound max_i sigma_{j+1}(W_i) / sigma_1(W)
+    dense_params: int
+    params: int
+    dense_flops: int
+    flops: int
+
+    @property
+    def compressed(self) -> bool:
+        return self.family != "dense"
+
+
+@dataclass
+class Plan:
+    """What :func:`autorank.optimize` chose.
+
+    ``totals`` holds the measured figures of the realised model (``params``,
+    ``flops``, ``params_before``, ``flops_before``) once it has been built.
+    """
+
+    metric: str
+    budget: float
+    objective: str
+    layers: dict[str, LayerPlan]
+    skipped: dict[str, str] = field(default_factory=dict)
+    max_error: float = 0.0
+    network_bound: float = 0.0
+    totals: dict[str, int] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    # ---- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [asdict(lp) for lp in self.layers.values()]
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        if not isinstance(data, dict):
+            raise TypeError(f"a plan must be a dict, got {type(data).__name__}")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise ValueError(f"unsupported plan version {version!r}; this autorank reads version {PLAN_VERSION}")
+        d = dict(data)
+        d["layers"] = {lp["name"]: LayerPlan(**lp) for lp in d["layers"]}
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    # ---- views ---------------------------------------------------------------------
+    @property
+    def ranks(self) -> dict[str, dict[str, int]]:
+        """``{layer: hyperparameters}`` of the compressed layers."""
+        return {n: dict(lp.hyper) for n, lp in self.layers.items() if lp.compressed}
+
+    def summary(self, max_rows: int | None = None) -> str:
+        """A per-layer table and the totals (measured on the realised model when available)."""
+        head = ("layer", "type", "shape", "family", "k", "rank", "error", "params", "MACs")
+        rows = []
+        for lp in self.layers.values():
+            k = lp.hyper.get("groups", "")
+            j = lp.hyper.get("rank", "")
+            rows.append((
+                lp.name, lp.kind, "x".join(map(str, lp.shape)), lp.family, str(k), str(j),
+                f"{lp.error:.4f}", f"{_si(lp.dense_params)} -> {_si(lp.params)}",
+                f"{_si(lp.dense_flops)} -> {_si(lp.flops)}",
+            ))
+        shown = rows if max_rows is None or len(rows) <= max_rows else rows[:max_rows]
+        widths = [max(len(h), *(len(r[i]) for r in shown)) if shown else len(h) for i, h in enumerate(head)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r) for r in shown]
+        if len(shown) < len(rows):
+            lines.append(f"... {len(rows) - len(shown)} more layers")
+        n_comp = sum(lp.compressed for lp in self.layers.values())
+        lines.append("")
+        lines.append(f"compressed {n_comp} of {len(self.layers)} candidate layers; "
+                     f"objective={self.objective}, largest layer error={self.max_error:.4f}, "
+                     f"network bound prod(1+eps)-1={self.network_bound:.4f}")
+        t = self.totals
+        if t:
+            for key, label in (("params", "params"), ("flops", "MACs")):
+                before, after = t.get(f"{key}_before"), t.get(key)
+                if before:
+                    mark = "  <- budget metric" if key == self.metric else ""
+                    lines.append(f"{label:>6}: {before:,} -> {after:,}  ({after / before:.4f} of original)"
+                                 f"{mark}")
+            before = t.get(f"{self.metric}_before")
+            if before:
+                ratio = t[self.metric] / before
+                ok = "within" if ratio <= self.budget + 1e-12 else "OVER"
+                lines.append(f"budget: {self.budget:.4f} of {self.metric}; achieved {ratio:.4f} ({ok} budget, "
+                             "measured on the realised model)")
+        if self.skipped:
+            lines.append("")
+            lines.append(f"left dense ({len(self.skipped)}):")
+            for n, why in self.skipped.items():
+                lines.append(f"  {n}: {why}")
+        return "\n".join(lines)
+
+
+def _si(x: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return str(x)

@@ -1,0 +1,58 @@
+"""Realisation: turn a plan into real modules."""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch.nn as nn
+
+from .families import get_family
+from .plan import Plan
+
+__all__ = ["realize", "replace_module"]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the qualified ``name`` inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def realize(
+    model: nn.Module,
+    plan: Plan,
+    inplace: bool = False,
+    init: bool = True,
+    layers: Iterable[str] | None = None,
+) -> nn.Module:
+    """Replace every compressed layer of ``plan`` in ``model`` by its factorised modules.
+
+    Args:
+        model: the dense model the plan was made for.
+        plan: the plan.
+        inplace: modify ``model`` itself instead of a deep copy.
+        init: initialise the factors from the dense weights (truncated SVD); with
+            ``False`` only the module structure is built (``autorank.load`` then
+            fills in the saved weights).
+        layers: restrict to these layer names.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be an autorank.Plan, got {type(plan).__name__}")
+    out = model if inplace else copy.deepcopy(model)
+    wanted = None if layers is None else set(layers)
+    for name, lp in plan.layers.items():
+        if not lp.compressed or (wanted is not None and name not in wanted):
+            continue
+        try:
+            old = out.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the plan names layer {name!r}, which this model does not have") from None
+        family = get_family(lp.family)
+        new = (family.realize if init else family.skeleton)(old, lp.hyper)
+        new.train(old.training)
+        replace_module(out, name, new)
+    return out

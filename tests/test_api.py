@@ -1,0 +1,193 @@
+"""autorank.optimize end to end on tiny models: budgets, plans, saving, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import autorank
+from tiny_models import NoLinear, build
+
+MODELS = ["mlp", "residual_cnn", "conv1d", "depthwise", "tied_lm", "transformer_block"]
+
+
+def run(model, x):
+    with torch.no_grad():
+        return autorank.graph.run_model(model, x)
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()])
+
+
+def assert_unchanged(model, snap):
+    state, modes = snap
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+    assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize("metric", ["params", "flops"])
+@pytest.mark.parametrize("budget", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("name", MODELS)
+def test_budget_met_and_model_untouched(name, budget, metric):
+    model, x = build(name)
+    snap = snapshot(model)
+    try:
+        result = autorank.optimize(model, budget, x, metric=metric)
+    except ValueError as exc:  # tiny models can have too much that cannot be compressed
+        smallest = float(str(exc).split("smallest reachable budget is ")[1].split()[0])
+        assert smallest > budget
+        return
+    assert_unchanged(model, snap)
+    t = result.plan.totals
+    assert t[metric] <= budget * t[f"{metric}_before"]
+    assert t["params"] == autorank.count_params(result.model)
+    assert t["flops"] == autorank.count_flops(result.model, x)
+    # the plan's per-layer costs add up to the measured total
+    fixed = t[f"{metric}_before"] - sum(
+        (lp.dense_params if metric == "params" else lp.dense_flops) for lp in result.plan.layers.values())
+    assert fixed + sum((lp.params if metric == "params" else lp.flops)
+                       for lp in result.plan.layers.values()) == t[metric]
+    out, ref = run(result.model, x), run(model, x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_full_budget_reproduces_outputs(name):
+    model, x = build(name)
+    result = autorank.optimize(model, 1.0, x)
+    assert not any(lp.compressed for lp in result.plan.layers.values())
+    assert torch.allclose(run(result.model, x), run(model, x))
+
+
+@pytest.mark.parametrize("name", ["mlp", "residual_cnn", "conv1d", "transformer_block"])
+def test_full_rank_plan_reproduces_outputs(name):
+    """Force every layer to its full-rank k=1 factorisation: outputs equal to 1e-5 relative."""
+    model, x = build(name)
+    model = model.double()
+    x = {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()} if isinstance(x, dict) else x.double()
+    graph = autorank.analyze(model, x)
+    curves, _ = autorank.build_curves(model, graph, autorank.CurveConfig(groups=(1,)))
+    # full-rank candidates cost more than dense and are filtered out: build the plan by hand
+    plan = autorank.api.make_plan(curves, {n: 0 for n in curves}, "params", 1.0, "max")
+    for name_, lp in plan.layers.items():
+        info = graph.layers[name_]
+        lp.family, lp.hyper = "alds", {"groups": 1, "rank": min(info.out_features, info.in_channels * info.taps)}
+    out = autorank.realize(model, plan)
+    ref = run(model, x)
+    assert (run(out, x) - ref).norm() / ref.norm() < 1e-5
+
+
+def test_summary_plan_json_and_errors():
+    model, x = build("residual_cnn")
+    result = autorank.optimize(model, 0.5, x, metric="flops")
+    text = result.summary()
+    assert "achieved" in text and "within budget" in text and "stem" in text
+    data = json.loads(result.plan.to_json())
+    assert data["version"] == 1 and data["metric"] == "flops"
+    again = autorank.Plan.from_json(result.plan.to_json())
+    assert again == result.plan
+    assert result.plan.max_error == max(lp.error for lp in result.plan.layers.values())
+    assert math.isclose(result.plan.network_bound,
+                        math.prod(1 + lp.error for lp in result.plan.layers.values()) - 1, rel_tol=1e-9)
+
+
+def test_save_load_bit_identical(tmp_path):
+    model, x = build("transformer_block")
+    result = autorank.optimize(model, 0.5, x)
+    result.save(tmp_path / "out")
+    assert (tmp_path / "out" / "plan.json").is_file() and (tmp_path / "out" / "model.safetensors").is_file()
+    fresh, _ = build("transformer_block", seed=123)  # different weights: all must come from the file
+    loaded = autorank.load(tmp_path / "out", fresh)
+    assert torch.equal(run(loaded, x), run(result.model, x))
+    assert autorank.count_params(loaded) == result.plan.totals["params"]
+
+
+def test_load_errors(tmp_path):
+    model, _ = build("mlp")
+    with pytest.raises(FileNotFoundError, match="plan.json"):
+        autorank.load(tmp_path, model)
+    (tmp_path / "plan.json").write_text(json.dumps({"version": 99}))
+    with pytest.raises(ValueError, match="unsupported plan version 99"):
+        autorank.load(tmp_path, model)
+
+
+def test_exclude_keeps_layers_dense():
+    model, x = build("mlp")
+    result = autorank.optimize(model, 0.6, x, exclude=["head"])
+    assert "head" not in result.plan.layers and "excluded" in result.plan.skipped["head"]
+    assert isinstance(result.model.head, torch.nn.Linear)
+
+
+def test_inplace_modifies_the_callers_model():
+    model, x = build("mlp")
+    result = autorank.optimize(model, 0.5, x, inplace=True)
+    assert result.model is model
+    assert isinstance(model.fc1, (autorank.GroupedLowRankLinear, torch.nn.Linear))
+    assert autorank.count_params(model) == result.plan.totals["params"]
+
+
+def test_sum_objective_and_reference_error():
+    model, x = build("residual_cnn")
+    for solver in ({"objective": "sum"}, {"objective": "sum", "method": "dp"}):
+        r = autorank.optimize(model, 0.4, x, solver=solver)
+        assert r.plan.totals["params"] <= 0.4 * r.plan.totals["params_before"]
+        assert r.plan.objective == "sum"
+    ref = autorank.optimize(model, 0.4, x, curves=autorank.CurveConfig(error_bound="max"))
+    assert all(lp.error == lp.error_lower for lp in ref.plan.layers.values())
+
+
+def test_infeasible_budget_states_smallest():
+    model, x = build("depthwise")
+    with pytest.raises(ValueError, match=r"smallest reachable budget is 0\.\d+") as info:
+        autorank.optimize(model, 0.01, x)
+    smallest = float(str(info.value).split("smallest reachable budget is ")[1].split()[0])
+    r = autorank.optimize(model, min(1.0, smallest + 1e-3), x)
+    assert r.plan.totals["params"] <= (smallest + 1e-3) * r.plan.totals["params_before"]
+
+
+BAD = [
+    ({"budget": -1}, ValueError, "budget must be a fraction in \\(0, 1\\]"),
+    ({"budget": 0}, ValueError, "got 0"),
+    ({"budget": 2}, ValueError, "got 2"),
+    ({"budget": float("nan")}, ValueError, "got nan"),
+    ({"budget": "abc"}, TypeError, "got 'abc'"),
+    ({"budget": True}, TypeError, "got True"),
+    ({"metric": "latency"}, ValueError, "metric must be one of"),
+    ({"curves": {"max_groups": 0}}, ValueError, "CurveConfig.max_groups must be >= 1, got 0"),
+    ({"curves": {"families": ["nope"]}}, ValueError, "unknown family 'nope'"),
+    ({"curves": {"error_bound": "exact"}}, ValueError, "error_bound must be one of"),
+    ({"curves": 5}, TypeError, "curves must be a CurveConfig"),
+    ({"solver": {"objective": "mean"}}, ValueError, "SolverConfig.objective"),
+    ({"solver": {"objective": "max", "method": "dp"}}, ValueError, "applies to objective='sum'"),
+    ({"inplace": "yes"}, TypeError, "inplace must be a bool"),
+    ({"exclude": 3}, TypeError, "exclude must be"),
+    ({"example_inputs": torch.randn(2, 31)}, RuntimeError, "forward pass of MLP"),
+    ({"example_inputs": None}, ValueError, "example_inputs is required"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", BAD, ids=[f"{list(k)[0]}={list(k.values())[0]!r}"[:40] for k, _, _ in BAD])
+def test_bad_input_is_clear_and_model_unchanged(kwargs, exc, msg):
+    model, x = build("mlp")
+    model.train()
+    snap = snapshot(model)
+    args = {"budget": 0.5, "example_inputs": x, **kwargs}
+    with pytest.raises(exc, match=msg):
+        autorank.optimize(model, **args)
+    assert_unchanged(model, snap)
+
+
+def test_no_compressible_layer():
+    torch.manual_seed(0)
+    model = NoLinear()
+    with pytest.raises(ValueError, match="no compressible layer.*depthwise"):
+        autorank.optimize(model, 0.5, NoLinear.example())
+
+
+def test_not_a_model():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        autorank.optimize("resnet", 0.5, torch.randn(1))
