@@ -11,23 +11,26 @@ The steps ``optimize`` is built from are public for experts: :func:`analyze`
 from .api import OptimizeResult, allocate, optimize
 from .config import CurveConfig, SolverConfig
 from .curves import LayerCurves, build_curves
+from .finetune import Finetune
 from .families import Family, available_families, get_family, register_family
 from .graph import LayerGraph, LayerInfo, analyze, count_flops, count_params
 from .io import load, load_plan, save
 from .layers import LayerHandler, register_layer_handler
 from .modules import GroupedLowRankConv, GroupedLowRankLinear
 from .plan import LayerPlan, Plan
-from .realize import realize
+from .realize import densify, realize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "optimize",
+    "Finetune",
     "OptimizeResult",
     "allocate",
     "analyze",
     "build_curves",
     "realize",
+    "densify",
     "save",
     "load",
     "load_plan",

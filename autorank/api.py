@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch.nn as nn
@@ -29,27 +30,47 @@ class OptimizeResult:
 
     model:   the compressed model (a new module unless ``inplace=True``).
     plan:    per-layer decisions and measured totals (:class:`autorank.Plan`).
-    graph:   the analysed layer graph of the original model.
+    graph:   the analysed layer graph of the model that was compressed (None when the
+             result was restored from a checkpoint).
     curves:  the candidates of every layer (``{name: LayerCurves}``).
     timings: seconds spent in each stage.
+    history: per-step records of a compress -> fine-tune schedule (budget, params,
+             FLOPs, metric after compression and after fine-tuning, times).
     """
 
     model: nn.Module
     plan: Plan
-    graph: LayerGraph
+    graph: LayerGraph | None
     curves: dict[str, LayerCurves]
     timings: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self, max_rows: int | None = None) -> str:
-        """Per-layer table and measured totals."""
-        return self.plan.summary(max_rows=max_rows)
+        """Per-layer table, measured totals and, for scheduled runs, the per-step history."""
+        text = self.plan.summary(max_rows=max_rows)
+        if self.history:
+            text += "\n\n" + history_table(self.history)
+        return text
 
     def save(self, path) -> Any:
         """Save the plan (JSON) and the compressed weights (safetensors) into directory ``path``."""
         from .io import save
 
         return save(self.model, self.plan, path)
+
+
+def history_table(history: Sequence[Mapping[str, Any]]) -> str:
+    """The per-step history of a schedule as a text table."""
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else f"{v:,}"
+
+    head = ("step", "budget", "params", "MACs", "metric compressed", "metric", "max error", "time s")
+    rows = [(str(h["step"]), f"{h['budget']:.4f}", f"{h['params']:,}", f"{h['flops']:,}",
+             fmt(h.get("metric_compressed")), fmt(h.get("metric")), f"{h.get('max_error', 0.0):.4f}",
+             f"{h.get('time_s', 0.0):.1f}") for h in history]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(head)]
+    line = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([line.format(*head), line.format(*("-" * w for w in widths))] + [line.format(*r) for r in rows])
 
 
 def _as_config(value: Any, cls: type, name: str):
@@ -139,6 +160,13 @@ def optimize(
     exclude: Iterable[str] = (),
     curves: CurveConfig | Mapping[str, Any] | None = None,
     solver: SolverConfig | Mapping[str, Any] | None = None,
+    finetune: Any = None,
+    steps: int = 1,
+    schedule: str | Sequence[float] = "geometric",
+    mode: str = "cascade",
+    evaluate: Callable[[nn.Module], float] | None = None,
+    min_metric: float | None = None,
+    checkpoint: str | os.PathLike | None = None,
     inplace: bool = False,
     progress: bool | None = None,
 ) -> OptimizeResult:
@@ -154,11 +182,23 @@ def optimize(
         exclude: ``fnmatch`` patterns of qualified module names to keep dense.
         curves: :class:`CurveConfig` (families, candidate groups, error bound).
         solver: :class:`SolverConfig` (objective and method of the global step).
-        inplace: modify ``model`` itself; by default it is left untouched.
+        finetune: ``None`` (compress only), an :class:`autorank.Finetune`, or any
+            callable ``finetune(model, step) -> None`` that trains ``model`` in place.
+        steps: number of compress -> fine-tune steps (see ``schedule``).
+        schedule: ``"one-shot"``, ``"linear"``, ``"geometric"`` or an explicit list of
+            decreasing budgets ending at ``budget`` (see :mod:`autorank.retrain`).
+        mode: ``"cascade"`` compresses the fine-tuned model further at each step;
+            ``"one-shot"`` compresses the original model each time.
+        evaluate: ``evaluate(model) -> float`` (higher is better), recorded at every step.
+        min_metric: stop early once ``evaluate`` falls below this value.
+        checkpoint: a directory where every finished step is saved; re-running with
+            the same directory resumes after the last finished step.
+        inplace: modify ``model`` itself (single-step runs only); by default it is left untouched.
         progress: show progress bars (``None``: only on a terminal).
 
     Returns:
-        :class:`OptimizeResult` with the compressed model, the plan and the measured totals.
+        :class:`OptimizeResult` with the compressed model, the plan, the measured totals
+        and, for scheduled runs, the per-step ``history``.
 
     Raises:
         TypeError / ValueError: bad arguments, no compressible layer, or an unreachable
@@ -179,15 +219,44 @@ def optimize(
         exclude = tuple(exclude)
     except TypeError:
         raise TypeError(f"exclude must be a sequence of name patterns, got {exclude!r}") from None
+    step = CompressStep(example_inputs, metric, exclude, curve_cfg, solver_cfg, progress)
 
+    from .retrain import Schedule, run_schedule
+
+    plan = Schedule.build(budget, steps, schedule, mode, finetune, evaluate, min_metric, checkpoint)
+    if plan.is_single:
+        return step(model if inplace else copy.deepcopy(model), budget)
+    if inplace:
+        raise ValueError("inplace=True applies to single-step compression only (no finetune, steps=1)")
+    return run_schedule(model, step, plan)
+
+
+@dataclass(frozen=True)
+class CompressStep:
+    """One compression of a model to a budget with fixed settings (the unit a schedule repeats)."""
+
+    example_inputs: Any
+    metric: str = "params"
+    exclude: tuple[str, ...] = ()
+    curves: CurveConfig = field(default_factory=CurveConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    progress: bool | None = None
+
+    def __call__(self, work: nn.Module, budget: float) -> OptimizeResult:
+        """Compress ``work`` **in place** to ``budget`` and return the result."""
+        return _compress(work, budget, self)
+
+
+def _compress(work: nn.Module, budget: float, cfg: CompressStep) -> OptimizeResult:
+    metric, example_inputs = cfg.metric, cfg.example_inputs
+    curve_cfg, solver_cfg, exclude, progress = cfg.curves, cfg.solver, cfg.exclude, cfg.progress
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    work = model if inplace else copy.deepcopy(model)
     graph = analyze(work, example_inputs, exclude)
     timings["analyze"] = time.perf_counter() - t0
     if not graph.layers:
         why = "; ".join(f"{n}: {r}" for n, r in list(graph.skipped.items())[:5]) or "no Linear/Conv1d/Conv2d layer"
-        raise ValueError(f"{type(model).__name__} has no compressible layer ({why})")
+        raise ValueError(f"{type(work).__name__} has no compressible layer ({why})")
     total = graph.total_params if metric == "params" else graph.total_flops
     if total <= 0:
         raise ValueError(f"the model's total {metric} on example_inputs is {total}; nothing to budget")
@@ -197,7 +266,7 @@ def optimize(
     timings["curves"] = time.perf_counter() - t
     skipped = {**graph.skipped, **no_gain}
     if not layer_curves:
-        raise ValueError(f"{type(model).__name__} has no layer whose factorisation is cheaper than dense")
+        raise ValueError(f"{type(work).__name__} has no layer whose factorisation is cheaper than dense")
 
     dense_cost = {n: (lc.info.dense_params if metric == "params" else lc.info.dense_flops)
                   for n, lc in layer_curves.items()}

@@ -32,7 +32,19 @@ import torch.nn.functional as F
 
 from ._util import single_thread
 
-__all__ = ["GroupedLowRankLinear", "GroupedLowRankConv", "grouped_low_rank_factors"]
+__all__ = ["Factorized", "GroupedLowRankLinear", "GroupedLowRankConv", "grouped_low_rank_factors"]
+
+
+class Factorized:
+    """Marker base of every factorised module autorank builds.
+
+    Subclasses implement ``to_dense()``, returning the equivalent dense layer;
+    the retraining scheduler uses it to re-factorise layers that are already
+    factorised (cascade mode).
+    """
+
+    def to_dense(self) -> nn.Module:  # pragma: no cover - interface
+        raise NotImplementedError
 
 
 def grouped_low_rank_factors(
@@ -74,7 +86,7 @@ def grouped_low_rank_factors(
     return a, b
 
 
-class GroupedLowRankLinear(nn.Module):
+class GroupedLowRankLinear(Factorized, nn.Module):
     """``y = [B_1 ... B_k] [A_1 x_1; ...; A_k x_k] + bias``, the ALDS form of ``nn.Linear``.
 
     ``x_i`` is the ``i``-th contiguous slice of ``in_features/groups`` input features.
@@ -149,7 +161,7 @@ def dense_from_factors(first: torch.Tensor, second_weight: torch.Tensor, groups:
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 
 
-class GroupedLowRankConv(nn.Sequential):
+class GroupedLowRankConv(Factorized, nn.Sequential):
     """The ALDS form of ``nn.Conv1d`` / ``nn.Conv2d``: a ``groups=k`` conv, then a 1x1 conv.
 
     ``first``: ``c -> k*j`` with the original kernel/stride/padding/dilation, no bias;

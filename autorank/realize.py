@@ -8,9 +8,10 @@ from typing import Iterable
 import torch.nn as nn
 
 from .families import get_family
+from .modules import Factorized
 from .plan import Plan
 
-__all__ = ["realize", "replace_module"]
+__all__ = ["realize", "replace_module", "densify"]
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -56,3 +57,20 @@ def realize(
         new.train(old.training)
         replace_module(out, name, new)
     return out
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every factorised module in ``model`` (in place) by its exact dense product.
+
+    The product of trained factors is a dense matrix of rank ``<= k*j``; its
+    re-factorisation by truncated SVD is optimal for that product, and lets the
+    next allocation re-choose ``k`` and ``j`` against the original model's budget.
+    Returns ``model``.
+    """
+    names = [n for n, m in model.named_modules() if n and isinstance(m, Factorized)]
+    for name in names:
+        old = model.get_submodule(name)
+        new = old.to_dense()
+        new.train(old.training)
+        replace_module(model, name, new)
+    return model

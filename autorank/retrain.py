@@ -1,0 +1,253 @@
+"""The retraining scheduler: compress -> fine-tune, repeated over a budget schedule.
+
+Budgets run from 1.0 down to the target.  A schedule is a plain function::
+
+    one_shot(0.3, 3)   -> [0.3]
+    linear(0.3, 3)     -> [0.7667, 0.5333, 0.3]          1 - (1 - b) * i / n
+    geometric(0.3, 3)  -> [0.6694, 0.4481, 0.3]          b ** (i / n)
+
+Every step (1) densifies the model it starts from, (2) builds the error curves on
+its current weights, (3) allocates, (4) realises, (5) fine-tunes and (6) evaluates.
+
+Two modes, as in the reference:
+
+* ``"cascade"``: step ``s`` starts from the fine-tuned model of step ``s - 1``.
+  Layers that are already factorised are turned back into their exact dense
+  product (:func:`autorank.realize.densify`) and re-factorised, because the
+  product of fine-tuned factors is what the network computes, its truncated SVD
+  is optimal for it, and the allocator may then re-choose ``k`` and ``j`` of
+  every layer against the original model's budget (a re-factorisation at the
+  same or a higher rank reproduces the layer exactly).
+* ``"one-shot"``: every step compresses the *original* model (each step then
+  fine-tunes from the original weights).
+
+Budgets always refer to the original model's parameters (or FLOPs).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import check_budget
+
+__all__ = ["one_shot", "linear", "geometric", "SCHEDULES", "Schedule", "run_schedule"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("cascade", "one-shot")
+STATE_FILE = "schedule.json"
+
+
+def one_shot(target: float, steps: int) -> list[float]:
+    """A single step straight to ``target`` (``steps`` is ignored)."""
+    return [target]
+
+
+def linear(target: float, steps: int) -> list[float]:
+    """``1 - (1 - target) * i / steps`` for ``i = 1 .. steps``."""
+    return [1.0 - (1.0 - target) * i / steps for i in range(1, steps)] + [target]
+
+
+def geometric(target: float, steps: int) -> list[float]:
+    """``target ** (i / steps)`` for ``i = 1 .. steps``: the same ratio between successive budgets."""
+    return [target ** (i / steps) for i in range(1, steps)] + [target]
+
+
+SCHEDULES: dict[str, Callable[[float, int], list[float]]] = {
+    "one-shot": one_shot,
+    "linear": linear,
+    "geometric": geometric,
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A validated compress -> fine-tune schedule (built by :func:`autorank.optimize`)."""
+
+    budgets: tuple[float, ...]
+    mode: str = "cascade"
+    finetune: Any = None
+    evaluate: Callable[[nn.Module], float] | None = None
+    min_metric: float | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def is_single(self) -> bool:
+        """A plain compression: one budget, nothing to fine-tune, evaluate or save."""
+        return (len(self.budgets) == 1 and self.finetune is None and self.evaluate is None
+                and self.checkpoint is None)
+
+    @classmethod
+    def build(cls, target: float, steps: Any, schedule: Any, mode: Any, finetune: Any, evaluate: Any,
+              min_metric: Any, checkpoint: Any) -> "Schedule":
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps must be an int >= 1, got {steps!r}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if isinstance(schedule, str):
+            if schedule not in SCHEDULES:
+                raise ValueError(f"schedule must be one of {tuple(SCHEDULES)} or a list of budgets, got {schedule!r}")
+            budgets = SCHEDULES[schedule](target, steps)
+        elif isinstance(schedule, (list, tuple)):
+            budgets = [check_budget(b) for b in schedule]
+            if not budgets:
+                raise ValueError("schedule: an explicit list of budgets must not be empty")
+            if any(b2 >= b1 for b1, b2 in zip(budgets, budgets[1:])):
+                raise ValueError(f"schedule: budgets must decrease strictly, got {list(schedule)}")
+            if not math.isclose(budgets[-1], target, rel_tol=1e-9):
+                raise ValueError(f"schedule: the last budget must be the target {target:g}, got {budgets[-1]:g}")
+        else:
+            raise TypeError(f"schedule must be a name or a list of budgets, got {type(schedule).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if finetune is not None and not callable(finetune):
+            raise TypeError(
+                "finetune must be None, an autorank.Finetune or a callable finetune(model, step) -> None, "
+                f"got {type(finetune).__name__}"
+            )
+        if evaluate is not None and not callable(evaluate):
+            raise TypeError(f"evaluate must be a callable evaluate(model) -> float, got {type(evaluate).__name__}")
+        if min_metric is not None:
+            if evaluate is None:
+                raise ValueError("min_metric needs evaluate= to measure the metric")
+            if isinstance(min_metric, bool) or not isinstance(min_metric, (int, float)) or math.isnan(min_metric):
+                raise TypeError(f"min_metric must be a number, got {min_metric!r}")
+        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a directory path, got {type(checkpoint).__name__}")
+        return cls(tuple(float(b) for b in budgets), mode, finetune, evaluate,
+                   None if min_metric is None else float(min_metric),
+                   None if checkpoint is None else Path(checkpoint))
+
+
+def _fingerprint(schedule: Schedule, step: Any) -> dict[str, Any]:
+    return {"budgets": list(schedule.budgets), "mode": schedule.mode, "metric": step.metric}
+
+
+def _run_finetune(finetune: Any, model: nn.Module, step: int, teacher: nn.Module) -> dict[str, Any]:
+    from .finetune import Finetune
+
+    if isinstance(finetune, Finetune):
+        out = finetune(model, step, teacher=teacher if finetune.distill else None)
+        return dict(out) if isinstance(out, dict) else {}
+    finetune(model, step)
+    return {}
+
+
+def _evaluate(evaluate, model: nn.Module) -> float | None:
+    if evaluate is None:
+        return None
+    value = evaluate(model)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"evaluate(model) must return a number, got {value!r}") from None
+
+
+def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
+    """Run ``schedule`` on a copy of ``model``; ``step`` is an :class:`autorank.api.CompressStep`."""
+    from .api import OptimizeResult
+    from .graph import count_flops, count_params
+    from .io import load, load_plan, save
+    from .realize import densify
+
+    ckpt = schedule.checkpoint
+    history: list[dict[str, Any]] = []
+    done = 0
+    current: OptimizeResult | None = None
+    if ckpt is not None and (ckpt / STATE_FILE).is_file():
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        if state.get("fingerprint") != _fingerprint(schedule, step):
+            raise ValueError(
+                f"checkpoint {str(ckpt)!r} holds a different schedule {state.get('fingerprint')}; "
+                f"this run asks for {_fingerprint(schedule, step)}. Use another directory."
+            )
+        history, done = state["history"], state["done"]
+        if done:
+            step_dir = ckpt / f"step-{done}"
+            restored = load(step_dir, model)
+            current = OptimizeResult(model=restored, plan=load_plan(step_dir), graph=None, curves={})
+            rng = ckpt / "rng_state.pt"
+            if rng.is_file():
+                torch.set_rng_state(torch.load(rng))
+        log.info("resuming from %s after step %d of %d", ckpt, done, len(schedule.budgets))
+
+    if not history:
+        t = time.perf_counter()
+        base = _evaluate(schedule.evaluate, model)
+        history.append({
+            "step": 0, "budget": 1.0, "params": count_params(model),
+            "flops": count_flops(model, step.example_inputs), "metric_compressed": base, "metric": base,
+            "max_error": 0.0, "compress_s": 0.0, "finetune_s": 0.0, "time_s": time.perf_counter() - t,
+        })
+
+    stopped_early = False
+    results: dict[int, OptimizeResult] = {} if current is None else {done: current}
+    for s, budget in enumerate(schedule.budgets, start=1):
+        if s <= done:
+            continue
+        if schedule.mode == "cascade" and current is not None:
+            source = densify(copy.deepcopy(current.model))
+        else:
+            source = copy.deepcopy(model)
+        t = time.perf_counter()
+        result = step(source, budget)
+        t_compress = time.perf_counter() - t
+        m_compressed = _evaluate(schedule.evaluate, result.model)
+        t = time.perf_counter()
+        ft_info = {}
+        if schedule.finetune is not None:
+            ft_info = _run_finetune(schedule.finetune, result.model, s, model)
+        t_finetune = time.perf_counter() - t
+        m_final = _evaluate(schedule.evaluate, result.model) if schedule.finetune is not None else m_compressed
+        totals = result.plan.totals
+        history.append({
+            "step": s, "budget": budget, "params": totals["params"], "flops": totals["flops"],
+            "metric_compressed": m_compressed, "metric": m_final, "max_error": result.plan.max_error,
+            "compress_s": t_compress, "finetune_s": t_finetune, "time_s": t_compress + t_finetune,
+            **({"finetune": {k: v for k, v in ft_info.items() if isinstance(v, (int, float))}} if ft_info else {}),
+        })
+        log.info("step %d/%d: budget %.4f, params %d, metric %s -> %s (%.1fs)", s, len(schedule.budgets),
+                 budget, totals["params"], m_compressed, m_final, t_compress + t_finetune)
+        current = result
+        results[s] = result
+        if ckpt is not None:
+            save(result.model, result.plan, ckpt / f"step-{s}")
+            torch.save(torch.get_rng_state(), ckpt / "rng_state.pt")
+            (ckpt / STATE_FILE).write_text(json.dumps(
+                {"fingerprint": _fingerprint(schedule, step), "done": s, "history": history}, indent=2))
+        if schedule.min_metric is not None and m_final is not None and m_final < schedule.min_metric:
+            stopped_early = True
+            log.warning("step %d: metric %.4f fell below min_metric %.4f; stopping", s, m_final, schedule.min_metric)
+            break
+
+    final = _pick_final(results, history, schedule, stopped_early)
+    final.history = history
+    return final
+
+
+def _pick_final(results, history, schedule: Schedule, stopped_early: bool):
+    """The last step's result, or after an early stop the last step whose metric met ``min_metric``."""
+    last = max(results)
+    if not stopped_early:
+        return results[last]
+    ok = [h["step"] for h in history[1:] if h["metric"] is not None and h["metric"] >= schedule.min_metric
+          and h["step"] in results]
+    if not ok:
+        log.warning("no step met min_metric=%g; returning the last step (budget %.4f)",
+                    schedule.min_metric, schedule.budgets[last - 1])
+        return results[last]
+    best = max(ok)
+    log.warning("returning step %d (budget %.4f) instead of the target budget %.4f: it is the last step that "
+                "met min_metric=%g", best, schedule.budgets[best - 1], schedule.budgets[-1], schedule.min_metric)
+    return results[best]
