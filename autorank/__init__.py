@@ -8,6 +8,7 @@ The steps ``optimize`` is built from are public for experts: :func:`analyze`
 :func:`realize` (modules), :func:`save` / :func:`load`.
 """
 
+from .allocators import available_allocators, register_allocator
 from .api import OptimizeResult, allocate, optimize
 from .config import CurveConfig, SolverConfig
 from .curves import LayerCurves, build_curves
@@ -27,6 +28,8 @@ __all__ = [
     "Finetune",
     "OptimizeResult",
     "allocate",
+    "available_allocators",
+    "register_allocator",
     "analyze",
     "build_curves",
     "realize",

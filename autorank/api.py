@@ -19,7 +19,7 @@ from .plan import LayerPlan, Plan
 from .realize import realize
 from .solver import Infeasible, network_bound, solve_minmax, solve_sum_dp, solve_sum_lagrangian
 
-__all__ = ["optimize", "allocate", "make_plan", "OptimizeResult"]
+__all__ = ["optimize", "allocate", "solve_curves", "make_plan", "OptimizeResult", "CompressStep"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,29 @@ def _as_config(value: Any, cls: type, name: str):
     raise TypeError(f"{name} must be a {cls.__name__}, a dict of its fields or None, got {type(value).__name__}")
 
 
+def solve_curves(
+    curves: Mapping[str, LayerCurves],
+    budget: float,
+    metric: str,
+    total: int,
+    fixed: int,
+    solver: SolverConfig | None = None,
+) -> dict[str, int]:
+    """The ALDS global step (:mod:`autorank.solver`) over the curves; raises ``Infeasible``."""
+    solver = solver or SolverConfig()
+    names = list(curves)
+    errors = [curves[n].error for n in names]
+    costs = [curves[n].cost(metric).astype(np.float64) for n in names]
+    room = budget * total - fixed
+    if solver.objective == "max":
+        choice, _ = solve_minmax(errors, costs, room, fill=solver.fill)
+    elif solver.method == "dp":
+        choice = solve_sum_dp(errors, costs, room, bins=solver.dp_bins)
+    else:
+        choice = solve_sum_lagrangian(errors, costs, room)
+    return {n: int(c) for n, c in zip(names, choice)}
+
+
 def allocate(
     curves: Mapping[str, LayerCurves],
     budget: float,
@@ -90,26 +113,21 @@ def allocate(
     total: int,
     fixed: int,
     solver: SolverConfig | None = None,
+    allocator: str = "alds",
 ) -> tuple[dict[str, int], float]:
-    """Solve the global step: one candidate index per layer with ``fixed + sum(cost) <= budget * total``.
+    """The global step: one candidate index per layer with ``fixed + sum(cost) <= budget * total``.
 
+    ``allocator`` names a registered allocator (``available_allocators()``).
     Returns ``({layer: candidate index}, largest error)``.
 
     Raises:
         ValueError: the budget cannot be met; the message gives the smallest reachable budget.
     """
-    solver = solver or SolverConfig()
-    names = list(curves)
-    errors = [curves[n].error for n in names]
-    costs = [curves[n].cost(metric).astype(np.float64) for n in names]
-    room = budget * total - fixed
+    from .allocators import get_allocator
+
+    fn = get_allocator(allocator)
     try:
-        if solver.objective == "max":
-            choice, tau = solve_minmax(errors, costs, room, fill=solver.fill)
-        elif solver.method == "dp":
-            choice = solve_sum_dp(errors, costs, room, bins=solver.dp_bins)
-        else:
-            choice = solve_sum_lagrangian(errors, costs, room)
+        picked = fn(curves, budget, metric, total, fixed, solver or SolverConfig())
     except Infeasible as exc:
         smallest = (fixed + exc.minimum) / total
         raise ValueError(
@@ -117,7 +135,6 @@ def allocate(
             f"{smallest:.4f} ({fixed:,} of the {total:,} {metric} cannot be compressed, and every "
             "compressible layer is already at its cheapest candidate)"
         ) from None
-    picked = {n: int(c) for n, c in zip(names, choice)}
     worst = max((float(curves[n].error[i]) for n, i in picked.items()), default=0.0)
     return picked, worst
 
@@ -160,6 +177,7 @@ def optimize(
     exclude: Iterable[str] = (),
     curves: CurveConfig | Mapping[str, Any] | None = None,
     solver: SolverConfig | Mapping[str, Any] | None = None,
+    allocator: str = "alds",
     finetune: Any = None,
     steps: int = 1,
     schedule: str | Sequence[float] = "geometric",
@@ -182,6 +200,8 @@ def optimize(
         exclude: ``fnmatch`` patterns of qualified module names to keep dense.
         curves: :class:`CurveConfig` (families, candidate groups, error bound).
         solver: :class:`SolverConfig` (objective and method of the global step).
+        allocator: the rank-selection rule, ``"alds"`` (default) or another name from
+            ``autorank.available_allocators()`` (e.g. the ``"uniform"`` baseline).
         finetune: ``None`` (compress only), an :class:`autorank.Finetune`, or any
             callable ``finetune(model, step) -> None`` that trains ``model`` in place.
         steps: number of compress -> fine-tune steps (see ``schedule``).
@@ -219,7 +239,10 @@ def optimize(
         exclude = tuple(exclude)
     except TypeError:
         raise TypeError(f"exclude must be a sequence of name patterns, got {exclude!r}") from None
-    step = CompressStep(example_inputs, metric, exclude, curve_cfg, solver_cfg, progress)
+    from .allocators import get_allocator
+
+    get_allocator(allocator)  # validates the name
+    step = CompressStep(example_inputs, metric, exclude, curve_cfg, solver_cfg, progress, allocator)
 
     from .retrain import Schedule, run_schedule
 
@@ -241,6 +264,7 @@ class CompressStep:
     curves: CurveConfig = field(default_factory=CurveConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     progress: bool | None = None
+    allocator: str = "alds"
 
     def __call__(self, work: nn.Module, budget: float) -> OptimizeResult:
         """Compress ``work`` **in place** to ``budget`` and return the result."""
@@ -272,11 +296,12 @@ def _compress(work: nn.Module, budget: float, cfg: CompressStep) -> OptimizeResu
                   for n, lc in layer_curves.items()}
     fixed = total - sum(dense_cost.values())
     t = time.perf_counter()
-    picked, worst = allocate(layer_curves, budget, metric, total, fixed, solver_cfg)
+    picked, worst = allocate(layer_curves, budget, metric, total, fixed, solver_cfg, cfg.allocator)
     timings["solve"] = time.perf_counter() - t
 
     plan = make_plan(layer_curves, picked, metric, budget, solver_cfg.objective, skipped,
-                     config={"curves": curve_cfg.to_dict(), "solver": solver_cfg.to_dict(),
+                     config={"allocator": cfg.allocator, "curves": curve_cfg.to_dict(),
+                             "solver": solver_cfg.to_dict(),
                              "exclude": list(exclude)})
 
     t = time.perf_counter()

@@ -191,3 +191,36 @@ def test_no_compressible_layer():
 def test_not_a_model():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         autorank.optimize("resnet", 0.5, torch.randn(1))
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("allocator", ["alds", "uniform"])
+def test_allocators_meet_budget(allocator, budget):
+    model, x = build("residual_cnn")
+    r = autorank.optimize(model, budget, x, allocator=allocator)
+    assert r.plan.totals["params"] <= budget * r.plan.totals["params_before"]
+    assert r.plan.config["allocator"] == allocator
+
+
+def test_uniform_keeps_the_same_rank_fraction():
+    model, x = build("mlp")
+    r = autorank.optimize(model, 0.5, x, allocator="uniform")
+    fractions = {n: lp.hyper["rank"] / min(lp.shape[0], lp.shape[1]) for n, lp in r.plan.layers.items()
+                 if lp.compressed}
+    assert fractions and all(lp.hyper["groups"] == 1 for lp in r.plan.layers.values() if lp.compressed)
+    # every layer keeps floor(r * full rank): fractions differ only by that rounding (full ranks 32, 48, 10)
+    assert max(fractions.values()) - min(fractions.values()) < 1 / 10
+
+
+def test_alds_is_no_worse_than_uniform_on_its_objective():
+    model, x = build("residual_cnn")
+    a = autorank.optimize(model, 0.4, x)
+    u = autorank.optimize(model, 0.4, x, allocator="uniform")
+    assert a.plan.max_error <= u.plan.max_error + 1e-12
+
+
+def test_unknown_allocator():
+    model, x = build("mlp")
+    with pytest.raises(ValueError, match="unknown allocator 'greedy'"):
+        autorank.optimize(model, 0.5, x, allocator="greedy")
+    assert set(autorank.available_allocators()) >= {"alds", "uniform"}
