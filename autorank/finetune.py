@@ -1,0 +1,448 @@
+"""Built-in fine-tuning loop for classification models.
+
+:class:`Finetune` is the retraining step of a compress -> fine-tune schedule:
+a validated config that, when called on a model, trains it in place for a
+(possibly fractional) number of epochs and reports what it did. It can also
+distil from a teacher (usually the uncompressed model) with
+:func:`distillation_loss`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+__all__ = ["Finetune", "distillation_loss"]
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    r"""Knowledge-distillation term of Hinton et al. (2015).
+
+    .. math::
+
+        L_{KD} = T^2 \cdot \frac{1}{N} \sum_{n=1}^{N}
+                 \mathrm{KL}\big(\mathrm{softmax}(t_n / T) \,\|\, \mathrm{softmax}(s_n / T)\big)
+
+    where ``s`` are the student logits, ``t`` the teacher logits, ``T`` the
+    temperature and the class dimension is the last one. Leading dimensions
+    other than the last are flattened into ``N`` rows, so per-token logits of
+    shape ``(B, L, C)`` average over all ``B * L`` positions. The ``T^2``
+    factor keeps the gradient scale independent of ``T``.
+
+    Gradients flow into ``student_logits`` only; ``teacher_logits`` are detached.
+    The result is a non-negative scalar, zero when the two distributions match.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student and teacher logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.dim() == 0:
+        raise ValueError("logits must have at least one (class) dimension, got a scalar")
+    if not _is_positive_finite(temperature):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    num_classes = student_logits.shape[-1]
+    student = student_logits.reshape(-1, num_classes) / temperature
+    teacher = teacher_logits.detach().reshape(-1, num_classes).to(student.dtype) / temperature
+    kl = F.kl_div(
+        F.log_softmax(student, dim=-1),
+        F.log_softmax(teacher, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return kl * (temperature * temperature)
+
+
+@dataclass
+class Finetune:
+    """Fine-tune a classifier in place; call it as ``Finetune(...)(model, step, teacher)``.
+
+    Attributes:
+        train_loader: Any re-iterable of ``(inputs, targets)`` batches (a
+            ``DataLoader``, a list of tuples, ...). A ``torch.utils.data.Dataset``
+            is wrapped into a ``DataLoader`` with ``batch_size`` and a shuffle
+            seeded from ``seed`` and ``step``.
+        epochs: Passes over ``train_loader``; fractional values train on the
+            first ``ceil(epochs * len(train_loader))`` batches in total. A
+            loader without ``len()`` needs ``max_steps`` instead.
+        lr: Peak learning rate.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``.
+        momentum: SGD momentum (ignored by Adam and AdamW), in ``[0, 1)``.
+        weight_decay: L2 penalty (decoupled for AdamW), ``>= 0``.
+        lr_schedule: ``"constant"``, ``"cosine"`` (to zero) or ``"linear"`` (to
+            zero), applied per iteration over the planned number of steps.
+        distill: Add a distillation term against the teacher passed to the call.
+        temperature: Softening temperature ``T`` of the distillation term.
+        alpha: Weight of the distillation term:
+            ``loss = (1 - alpha) * task_loss + alpha * distillation_loss(s, t, T)``.
+        device: Where to train; ``None`` keeps the model's current device. The
+            model is left on this device afterwards.
+        seed: Base seed; the effective seed mixes in the scheduler ``step``.
+            ``None`` leaves randomness to the global generators.
+        max_steps: Upper bound on the number of optimiser steps.
+        progress: ``True`` always shows a tqdm bar, ``False`` never, ``None``
+            only when stderr is a terminal.
+        loss_fn: ``loss_fn(logits, targets) -> scalar``; cross-entropy if ``None``.
+        batch_size: Batch size used only when ``train_loader`` is a ``Dataset``.
+    """
+
+    train_loader: Any
+    epochs: float = 1
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    distill: bool = False
+    temperature: float = 4.0
+    alpha: float = 0.5
+    device: str | torch.device | None = None
+    seed: int | None = 0
+    max_steps: int | None = None
+    progress: bool | None = None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        loader = self.train_loader
+        if loader is None:
+            raise ValueError("Finetune.train_loader is required, got None")
+        if isinstance(loader, (str, bytes)) or not (
+            isinstance(loader, Dataset) or isinstance(loader, Iterable)
+        ):
+            raise TypeError(
+                "Finetune.train_loader must be a Dataset or an iterable of "
+                f"(inputs, targets) batches, got {type(loader).__name__}"
+            )
+        if not _is_positive_finite(self.epochs):
+            raise ValueError(f"Finetune.epochs must be a positive finite number, got {self.epochs!r}")
+        if not _is_positive_finite(self.lr):
+            raise ValueError(f"Finetune.lr must be a positive finite number, got {self.lr!r}")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if not _is_real(self.momentum) or not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"Finetune.momentum must be a number in [0, 1), got {self.momentum!r}")
+        if not _is_real(self.weight_decay) or not (
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0
+        ):
+            raise ValueError(
+                f"Finetune.weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
+            )
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if not isinstance(self.distill, bool):
+            raise TypeError(f"Finetune.distill must be a bool, got {self.distill!r}")
+        if not _is_positive_finite(self.temperature):
+            raise ValueError(
+                f"Finetune.temperature must be a positive finite number, got {self.temperature!r}"
+            )
+        if not _is_real(self.alpha) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"Finetune.alpha must be a number in [0, 1], got {self.alpha!r}")
+        if self.device is not None:
+            if not isinstance(self.device, (str, torch.device)):
+                raise TypeError(
+                    f"Finetune.device must be a str, torch.device or None, got {self.device!r}"
+                )
+            try:
+                torch.device(self.device)
+            except RuntimeError as exc:
+                raise ValueError(f"Finetune.device is not a valid device, got {self.device!r}") from exc
+        if self.seed is not None and not _is_int(self.seed):
+            raise TypeError(f"Finetune.seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"Finetune.seed must be >= 0, got {self.seed!r}")
+        if self.max_steps is not None and not (_is_int(self.max_steps) and self.max_steps > 0):
+            raise ValueError(
+                f"Finetune.max_steps must be a positive int or None, got {self.max_steps!r}"
+            )
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise TypeError(f"Finetune.progress must be True, False or None, got {self.progress!r}")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError(f"Finetune.loss_fn must be callable or None, got {self.loss_fn!r}")
+        if not (_is_int(self.batch_size) and self.batch_size > 0):
+            raise ValueError(f"Finetune.batch_size must be a positive int, got {self.batch_size!r}")
+
+    def __call__(self, model: nn.Module, step: int = 0, teacher: nn.Module | None = None) -> dict:
+        """Train ``model`` in place and return a summary of the run.
+
+        Args:
+            model: The model to train. It is moved to ``device`` (and stays
+                there) and is left in eval mode, also if training fails.
+            step: Index of the compress -> fine-tune round; it only varies the
+                seed and labels the log lines.
+            teacher: Model to distil from; required when ``distill`` is set and
+                ignored otherwise. It runs in eval mode under ``no_grad`` on its
+                own device, and its training mode is restored afterwards.
+
+        Returns:
+            ``{"steps", "epochs", "final_loss", "mean_loss", "time_s"}``: the
+            number of optimiser steps, the epochs they amount to (``nan`` for a
+            loader without ``len()``), the loss of the last batch, the mean loss
+            over all batches and the wall-clock time.
+        """
+        from tqdm.auto import tqdm
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not (_is_int(step) and step >= 0):
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if self.distill:
+            if teacher is None:
+                raise ValueError("Finetune(distill=True) needs a teacher model, got teacher=None")
+            if not isinstance(teacher, nn.Module):
+                raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+        else:
+            teacher = None
+
+        device = torch.device(self.device) if self.device is not None else module_device(model)
+        seed = None if self.seed is None else _mix_seed(self.seed, step)
+        loader = self._loader(seed)
+        batches_per_epoch = _safe_len(loader)
+        total_steps = self._planned_steps(batches_per_epoch)
+
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("model has no parameters with requires_grad=True to fine-tune")
+
+        teacher_was_training = teacher.training if teacher is not None else False
+        loss_fn = self.loss_fn if self.loss_fn is not None else F.cross_entropy
+        rng_devices = []
+        if device.type == "cuda":
+            rng_devices.append(device.index if device.index is not None else torch.cuda.current_device())
+
+        logger.info(
+            "finetune round %d: %d steps on %s (lr=%g, %s, %s schedule%s)",
+            step, total_steps, device, self.lr, self.optimizer, self.lr_schedule,
+            f", distill T={self.temperature:g} alpha={self.alpha:g}" if teacher is not None else "",
+        )
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        last_loss = torch.full((), float("nan"), dtype=torch.float64, device=device)
+        done = 0
+        try:
+            with torch.random.fork_rng(devices=rng_devices):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                model.to(device)
+                optimizer = self._optimizer([p for p in model.parameters() if p.requires_grad])
+                scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, _schedule(self.lr_schedule, total_steps)
+                )
+                model.train()
+                if teacher is not None:
+                    teacher.eval()
+                steps = tqdm(
+                    range(total_steps),
+                    desc=f"finetune {step}",
+                    disable=not _show_progress(self.progress),
+                    leave=False,
+                )
+                batches = _cycle(loader)
+                try:
+                    for _ in steps:
+                        batch = next(batches, None)
+                        if batch is None:
+                            break
+                        loss = self._batch_loss(model, batch, device, loss_fn, teacher)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        scheduler.step()
+                        last_loss = loss.detach().to(torch.float64)
+                        loss_sum += last_loss
+                        done += 1
+                finally:
+                    batches.close()
+                    steps.close()
+        finally:
+            model.eval()
+            if teacher is not None:
+                teacher.train(teacher_was_training)
+
+        elapsed = time.perf_counter() - start
+        if done == 0:
+            raise ValueError("Finetune.train_loader yielded no batches")
+        final_loss = float(last_loss)
+        mean_loss = float(loss_sum) / done
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"fine-tuning diverged in round {step}: mean loss {mean_loss} over {done} steps "
+                f"(lr={self.lr:g}); the model weights are no longer usable"
+            )
+        if done < total_steps:
+            logger.warning(
+                "finetune round %d: train_loader ran out after %d of %d planned steps",
+                step, done, total_steps,
+            )
+        logger.info(
+            "finetune round %d: %d steps in %.1fs, mean loss %.4f, final loss %.4f",
+            step, done, elapsed, mean_loss, final_loss,
+        )
+        return {
+            "steps": done,
+            "epochs": done / batches_per_epoch if batches_per_epoch else float("nan"),
+            "final_loss": final_loss,
+            "mean_loss": mean_loss,
+            "time_s": elapsed,
+        }
+
+    def _batch_loss(
+        self,
+        model: nn.Module,
+        batch: Any,
+        device: torch.device,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        teacher: nn.Module | None,
+    ) -> torch.Tensor:
+        """Task loss of one batch, mixed with the distillation term when a teacher is given."""
+        inputs, targets = _split_batch(batch)
+        logits = model(_to_device(inputs, device))
+        loss = loss_fn(logits, _to_device(targets, device))
+        if teacher is None:
+            return loss
+        with torch.no_grad():
+            teacher_logits = teacher(_to_device(inputs, module_device(teacher)))
+        kd = distillation_loss(logits, teacher_logits.to(logits.device), self.temperature)
+        return (1.0 - self.alpha) * loss + self.alpha * kd
+
+    def _loader(self, seed: int | None) -> Iterable:
+        """The batches to train on: ``train_loader`` itself, or a DataLoader over a Dataset."""
+        data = self.train_loader
+        if not isinstance(data, Dataset):
+            return data
+        if isinstance(data, IterableDataset):
+            return DataLoader(data, batch_size=self.batch_size)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def _planned_steps(self, batches_per_epoch: int | None) -> int:
+        """Number of optimiser steps: ``ceil(epochs * len(loader))``, capped by ``max_steps``."""
+        if batches_per_epoch is None:
+            if self.max_steps is None:
+                raise ValueError(
+                    "Finetune.train_loader has no len(), so epochs cannot be converted to "
+                    "steps; set Finetune.max_steps"
+                )
+            return self.max_steps
+        if batches_per_epoch == 0:
+            raise ValueError("Finetune.train_loader is empty (len() == 0)")
+        steps = max(1, math.ceil(self.epochs * batches_per_epoch - 1e-9))
+        if self.max_steps is not None:
+            steps = min(steps, self.max_steps)
+        return steps
+
+    def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(
+            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of the first parameter (or buffer) of ``module``; CPU if it has neither."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _schedule(name: str, total_steps: int) -> Callable[[int], float]:
+    """Per-iteration learning-rate factor in ``[0, 1]`` for ``LambdaLR``."""
+    if name == "constant":
+        return lambda i: 1.0
+    if name == "cosine":
+        return lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, total_steps) / total_steps))
+    return lambda i: max(0.0, 1.0 - i / total_steps)
+
+
+def _mix_seed(seed: int, step: int) -> int:
+    """Deterministic 63-bit seed from ``(seed, step)``; distinct pairs give unrelated streams."""
+    state = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        "Finetune.train_loader must yield (inputs, targets) pairs, got "
+        f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def _to_device(data: Any, device: torch.device) -> Any:
+    if isinstance(data, torch.Tensor):
+        return data.to(device, non_blocking=True)
+    if isinstance(data, Mapping):
+        return type(data)({k: _to_device(v, device) for k, v in data.items()})
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(_to_device(v, device) for v in data))
+    if isinstance(data, (tuple, list)):
+        return type(data)(_to_device(v, device) for v in data)
+    return data
+
+
+def _safe_len(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _cycle(loader: Iterable) -> Iterator[Any]:
+    """Batches of ``loader``, starting a new pass when one ends; stops after an empty pass."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
+
+
+def _show_progress(progress: bool | None) -> bool:
+    """``progress`` if given, else whether stderr is a terminal."""
+    if progress is not None:
+        return progress
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"Finetune.{field} must be a str, one of {choices}, got {value!r}")
+    if value not in choices:
+        raise ValueError(f"Finetune.{field} must be one of {choices}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _is_positive_finite(value: Any) -> bool:
+    return _is_real(value) and math.isfinite(value) and value > 0
