@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from .config import CurveConfig
 from .graph import LayerGraph, LayerInfo
-from ._util import progress_bar, single_thread
+from ._util import parallel_map, single_thread
 
 __all__ = [
     "CandidateColumns",
@@ -225,11 +225,12 @@ def build_curves(
     """
     config = config or CurveConfig()
     modules = dict(model.named_modules())
+    items = list(graph.layers.items())
+    built = parallel_map(lambda it: build_layer_curves(modules[it[0]], it[1], config, metric), items,
+                         weight=lambda it: it[1].weight_params, desc="error curves", progress=progress)
     curves: dict[str, LayerCurves] = {}
     skipped: dict[str, str] = {}
-    for name, info in progress_bar(graph.layers.items(), desc="error curves", enabled=progress,
-                                   total=len(graph.layers)):
-        lc = build_layer_curves(modules[name], info, config, metric)
+    for (name, _), lc in zip(items, built):
         if lc is None:
             skipped[name] = f"no factorisation is cheaper than dense in {metric}"
         else:

@@ -7,6 +7,7 @@ from typing import Iterable
 
 import torch.nn as nn
 
+from ._util import parallel_map
 from .families import get_family
 from .modules import Factorized
 from .plan import Plan
@@ -45,6 +46,7 @@ def realize(
         raise TypeError(f"plan must be an autorank.Plan, got {type(plan).__name__}")
     out = model if inplace else copy.deepcopy(model)
     wanted = None if layers is None else set(layers)
+    todo = []
     for name, lp in plan.layers.items():
         if not lp.compressed or (wanted is not None and name not in wanted):
             continue
@@ -53,7 +55,11 @@ def realize(
         except AttributeError:
             raise ValueError(f"the plan names layer {name!r}, which this model does not have") from None
         family = get_family(lp.family)
-        new = (family.realize if init else family.skeleton)(old, lp.hyper)
+        todo.append((name, old, lp.hyper, family.realize if init else family.skeleton))
+    # the factorisations are independent: compute them in parallel, then swap the modules in
+    built = parallel_map(lambda t: t[3](t[1], t[2]), todo,
+                         weight=lambda t: sum(p.numel() for p in t[1].parameters()))
+    for (name, old, _, _), new in zip(todo, built):
         new.train(old.training)
         replace_module(out, name, new)
     return out
