@@ -89,11 +89,13 @@ def plot(results: dict, base: float, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for budget, res in results.items():
+    for i, (budget, res) in enumerate(results.items()):
         hist = res.history
         kept = [h["params"] / hist[0]["params"] for h in hist]
-        ax1.plot(kept, [h["metric_compressed"] for h in hist], "x--", label=f"budget {budget}: after compression")
-        ax1.plot(kept, [h["metric"] for h in hist], "o-", label=f"budget {budget}: after fine-tuning")
+        color = f"C{i}"
+        ax1.plot(kept, [h["metric_compressed"] for h in hist], "x--", color=color,
+                 label=f"budget {budget}: after compression")
+        ax1.plot(kept, [h["metric"] for h in hist], "o-", color=color, label=f"budget {budget}: after fine-tuning")
     ax1.axhline(base, color="grey", lw=0.8, ls=":", label="original")
     ax1.set_xlabel("fraction of parameters kept")
     ax1.set_ylabel("held-out accuracy (%)")

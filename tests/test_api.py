@@ -224,3 +224,18 @@ def test_unknown_allocator():
     with pytest.raises(ValueError, match="unknown allocator 'greedy'"):
         autorank.optimize(model, 0.5, x, allocator="greedy")
     assert set(autorank.available_allocators()) >= {"alds", "uniform"}
+
+
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_transformer_block_budget_grid(metric):
+    model, x = build("transformer_block")
+    for budget in [round(0.1 * i, 1) for i in range(1, 10)]:
+        try:
+            r = autorank.optimize(model, budget, x, metric=metric)
+        except ValueError as exc:
+            assert "smallest reachable budget" in str(exc)
+            continue
+        t = r.plan.totals
+        assert t[metric] <= budget * t[f"{metric}_before"]
+        assert t[metric] == (autorank.count_params(r.model) if metric == "params"
+                             else autorank.count_flops(r.model, x))

@@ -108,3 +108,20 @@ def test_bad_example_inputs(inputs, exc, msg):
 def test_not_a_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         autorank.analyze(lambda x: x, torch.randn(1))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, y):
+        return self.head(self.a(x) * self.b(y))
+
+
+def test_tuple_inputs():
+    g = autorank.analyze(TwoInputs(), (torch.randn(2, 6), torch.randn(2, 4)))
+    assert {(INPUT, "a"), (INPUT, "b"), ("a", "head"), ("b", "head")} <= set(g.graph.edges)
+    assert set(g.layers) == {"a", "b", "head"}
