@@ -9,7 +9,7 @@ The steps ``optimize`` is built from are public for experts: :func:`analyze`
 """
 
 from .allocators import available_allocators, register_allocator
-from .api import OptimizeResult, allocate, optimize
+from .api import CompressStep, OptimizeResult, allocate, make_plan, optimize, solve_curves
 from .config import CurveConfig, SolverConfig
 from .curves import LayerCurves, build_curves
 from .finetune import Finetune
@@ -28,6 +28,9 @@ __all__ = [
     "Finetune",
     "OptimizeResult",
     "allocate",
+    "make_plan",
+    "solve_curves",
+    "CompressStep",
     "available_allocators",
     "register_allocator",
     "analyze",

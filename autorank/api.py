@@ -210,9 +210,13 @@ def optimize(
         mode: ``"cascade"`` compresses the fine-tuned model further at each step;
             ``"one-shot"`` compresses the original model each time.
         evaluate: ``evaluate(model) -> float`` (higher is better), recorded at every step.
-        min_metric: stop early once ``evaluate`` falls below this value.
+        min_metric: stop early once ``evaluate`` falls below this value; the result is then the
+            last step that still met it, at a *larger* budget than asked (a warning is logged and
+            ``result.plan.budget`` says which), or the last step if none met it.
         checkpoint: a directory where every finished step is saved; re-running with
-            the same directory resumes after the last finished step.
+            the same directory resumes after the last finished step (the budgets, mode, metric,
+            allocator, curve, solver and exclude settings must match; fine-tuning settings are
+            not checked).
         inplace: modify ``model`` itself (single-step runs only); by default it is left untouched.
         progress: show progress bars (``None``: only on a terminal).
 

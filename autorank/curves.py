@@ -174,8 +174,8 @@ class LayerCurves:
 
 def build_layer_curves(
     module: nn.Module, info: LayerInfo, config: CurveConfig, metric: str = "params"
-) -> LayerCurves | None:
-    """All candidates of one layer, or None when no family has a candidate cheaper than dense."""
+) -> LayerCurves | str:
+    """All candidates of one layer, or the reason why it has none."""
     from .families import get_family
 
     names: list[str] = ["dense"]
@@ -185,10 +185,12 @@ def build_layer_curves(
             "params": [np.array([info.dense_params], np.int64)],
             "flops": [np.array([info.dense_flops], np.int64)]}
     dense_cost = info.dense_params if metric == "params" else info.dense_flops
+    supported = False
     for fname in config.families:
         fam = get_family(fname)
         if not fam.supports(module, info):
             continue
+        supported = True
         cand = fam.candidates(module, info, config)
         cost = cand.params if metric == "params" else cand.flops
         keep = np.nonzero(cost < dense_cost)[0]
@@ -204,7 +206,9 @@ def build_layer_curves(
         cols["params"].append(cand.params[keep].astype(np.int64))
         cols["flops"].append(cand.flops[keep].astype(np.int64))
     if len(names) == 1:
-        return None
+        if not supported:
+            return f"no enabled family ({', '.join(config.families)}) supports {type(module).__name__}"
+        return f"no factorisation is cheaper than dense in {metric}"
     return LayerCurves(
         name=info.name, info=info, families=tuple(names), hyper=hypers,
         **{k: np.concatenate(v) for k, v in cols.items()},
@@ -220,8 +224,8 @@ def build_curves(
 ) -> tuple[dict[str, LayerCurves], dict[str, str]]:
     """Error curves of every compressible layer of ``graph``.
 
-    Returns ``(curves, skipped)``: layers for which no candidate is cheaper than
-    dense (in ``metric``) are returned in ``skipped`` with the reason.
+    Returns ``(curves, skipped)``: layers with no candidate cheaper than dense (in
+    ``metric``), or that no enabled family supports, are in ``skipped`` with the reason.
     """
     config = config or CurveConfig()
     modules = dict(model.named_modules())
@@ -231,8 +235,8 @@ def build_curves(
     curves: dict[str, LayerCurves] = {}
     skipped: dict[str, str] = {}
     for (name, _), lc in zip(items, built):
-        if lc is None:
-            skipped[name] = f"no factorisation is cheaper than dense in {metric}"
+        if isinstance(lc, str):
+            skipped[name] = lc
         else:
             curves[name] = lc
     return curves, skipped

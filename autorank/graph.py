@@ -7,9 +7,10 @@ inputs back to the modules that produced them.  No ``torch.fx`` tracing and no
 wrapper class are needed, so any model that runs forward on the example inputs
 works, including Hugging Face models called with a dict of keyword inputs.
 
-The whole model's FLOPs are measured in the same pass with
-:class:`torch.utils.flop_counter.FlopCounterMode` (multiply-accumulates, i.e.
-the counter's figure divided by two).
+The whole model's FLOPs are measured by :func:`count_flops` -- the same function
+that measures the realised model, so before and after are counted alike:
+:class:`torch.utils.flop_counter.FlopCounterMode` in eval mode under
+``torch.no_grad`` (multiply-accumulates, i.e. the counter's figure divided by two).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ __all__ = ["LayerInfo", "LayerGraph", "analyze", "run_model", "count_params", "c
 log = logging.getLogger(__name__)
 
 INPUT, OUTPUT = "<input>", "<output>"
+
+# Parents whose forward reads their children's ``.weight`` directly (the fused fast path of
+# PyTorch's transformer layers), so those children cannot be replaced by factorised modules.
+PARENTS_READING_CHILD_WEIGHTS: tuple[type, ...] = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 @dataclass
@@ -139,16 +144,25 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
-    """Multiply-accumulates of one forward pass over ``example_inputs``, measured by FlopCounterMode."""
+    """Multiply-accumulates of one forward pass over ``example_inputs``, measured by FlopCounterMode.
+
+    The pass runs in eval mode with autograd on and floating-point inputs that require
+    grad, so that fused inference-only kernels (``nn.TransformerEncoderLayer``'s fast
+    path, for one), which the counter cannot see into, are not taken: a dense model and
+    its compressed copy are then counted alike.  Only the forward pass is run.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
+    inputs = _map_tensors(example_inputs,
+                          lambda t: t.detach().requires_grad_(True) if t.is_floating_point() else t)
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            run_model(model, example_inputs)
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            run_model(model, inputs)
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     return counter.get_total_flops() // 2
 
 
@@ -177,7 +191,6 @@ def analyze(
         RuntimeError: the forward pass on ``example_inputs`` failed (the cause is chained).
     """
     import networkx as nx
-    from torch.utils.flop_counter import FlopCounterMode
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -246,7 +259,7 @@ def analyze(
             handles.append(m.register_forward_pre_hook(pre_hook(n), with_kwargs=True))
             handles.append(m.register_forward_hook(post_hook(n), with_kwargs=True))
         try:
-            with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            with torch.enable_grad():
                 output = run_model(model, inputs_req)
         except Exception as exc:  # the user's forward pass failed: say so plainly
             raise RuntimeError(
@@ -261,7 +274,7 @@ def analyze(
         for n, m in named.items():
             m.training = was_training[n]
 
-    total_flops = counter.get_total_flops() // 2
+    total_flops = count_flops(model, example_inputs)
 
     # ---- data-flow graph: nearest producing modules of every autograd node --------------
     input_ids = {id(t) for t in input_leaves}
@@ -326,6 +339,9 @@ def analyze(
 
     layers: dict[str, LayerInfo] = {}
     skipped: dict[str, str] = {}
+    if get_layer_handler(model) is not None:
+        skipped["<model>"] = (f"the model itself is a single {type(model).__name__}; autorank replaces submodules, "
+                       "so wrap it, e.g. nn.Sequential(model)")
     for name, mod in named.items():
         handler = get_layer_handler(mod)
         if handler is None or not name:
@@ -335,8 +351,11 @@ def analyze(
         weight = getattr(mod, "weight", None)
         sharers = [o for o in owners.get(id(weight), []) if o != f"{name}.weight"] if weight is not None else []
         other_names = [a for a in aliases.get(id(mod), []) if a != name]
+        parent = named.get(name.rpartition(".")[0]) if "." in name else model
         if pat is not None:
             reason = f"excluded by pattern {pat!r}"
+        elif reason is None and isinstance(parent, PARENTS_READING_CHILD_WEIGHTS):
+            reason = f"its parent {type(parent).__name__} reads .weight directly (fused fast path)"
         elif reason is None and other_names:
             reason = f"the same module is also registered as {', '.join(other_names)}"
         elif reason is None and sharers:

@@ -62,10 +62,6 @@ def _conv_skip(module: nn.Module) -> str | None:
     if module.groups != 1:
         kind = "depthwise" if module.groups == module.in_channels else "grouped"
         return f"{kind} convolution (groups={module.groups})"
-    if isinstance(module.padding, str) and module.padding == "same" and any(
-        s != 1 for s in module.stride
-    ):
-        return "padding='same' with stride > 1"
     return None
 
 

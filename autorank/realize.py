@@ -59,7 +59,12 @@ def realize(
     # the factorisations are independent: compute them in parallel, then swap the modules in
     built = parallel_map(lambda t: t[3](t[1], t[2]), todo,
                          weight=lambda t: sum(p.numel() for p in t[1].parameters()))
-    for (name, old, _, _), new in zip(todo, built):
+    for (name, old, hyper, _), new in zip(todo, built):
+        if not isinstance(new, Factorized):
+            raise TypeError(
+                f"family {plan.layers[name].family!r} built a {type(new).__name__} for {name!r}; a family must "
+                "return an autorank.modules.Factorized module with to_dense()"
+            )
         new.train(old.training)
         replace_module(out, name, new)
     return out

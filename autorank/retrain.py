@@ -131,7 +131,9 @@ class Schedule:
 
 
 def _fingerprint(schedule: Schedule, step: Any) -> dict[str, Any]:
-    return {"budgets": list(schedule.budgets), "mode": schedule.mode, "metric": step.metric}
+    return {"budgets": list(schedule.budgets), "mode": schedule.mode, "metric": step.metric,
+            "allocator": step.allocator, "curves": step.curves.to_dict(), "solver": step.solver.to_dict(),
+            "exclude": list(step.exclude)}
 
 
 def _run_finetune(finetune: Any, model: nn.Module, step: int, teacher: nn.Module) -> dict[str, Any]:

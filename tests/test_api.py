@@ -239,3 +239,25 @@ def test_transformer_block_budget_grid(metric):
         assert t[metric] <= budget * t[f"{metric}_before"]
         assert t[metric] == (autorank.count_params(r.model) if metric == "params"
                              else autorank.count_flops(r.model, x))
+
+
+def test_bare_layer_gets_a_helpful_error():
+    with pytest.raises(ValueError, match="the model itself is a single Linear.*nn.Sequential"):
+        autorank.optimize(torch.nn.Linear(4, 4), 0.5, torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_torch_transformer_encoder_layer(metric):
+    """nn.MultiheadAttention calls out_proj functionally, and the encoder layer's fused fast path
+    reads linear1/linear2.weight: all are skipped with a reason, and the budget holds."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    model = torch.nn.Sequential(layer, torch.nn.Linear(32, 256), torch.nn.Linear(256, 8))
+    x = torch.randn(2, 5, 32)
+    r = autorank.optimize(model, 0.9, x, metric=metric)
+    t = r.plan.totals
+    assert t[metric] <= 0.9 * t[f"{metric}_before"]
+    assert "not called" in r.plan.skipped["0.self_attn.out_proj"]
+    assert "reads .weight directly" in r.plan.skipped["0.linear1"]
+    with torch.no_grad():
+        assert r.model(x).shape == (2, 5, 8)

@@ -32,7 +32,10 @@ class Family:
     realize:
         ``(module, hyper) -> nn.Module``: the factorised module, initialised
         from ``module``'s weights; ``hyper`` is the candidate's hyperparameters
-        (for ALDS ``{"groups": k, "rank": j}``).
+        (for ALDS ``{"groups": k, "rank": j}``).  It must be an instance of
+        :class:`autorank.modules.Factorized` whose ``to_dense()`` returns the
+        equivalent dense layer (the cascade scheduler re-factorises through it;
+        :func:`autorank.realize` checks this).
     skeleton:
         ``(module, hyper) -> nn.Module``: the same module structure with
         uninitialised weights (used by ``autorank.load``).
