@@ -44,13 +44,46 @@ class OptimizeResult:
     curves: dict[str, LayerCurves]
     timings: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    original: nn.Module | None = field(default=None, repr=False, compare=False)
+    example_inputs: Any = field(default=None, repr=False, compare=False)
 
-    def summary(self, max_rows: int | None = None) -> str:
-        """Per-layer table, measured totals and, for scheduled runs, the per-step history."""
+    def summary(self, max_rows: int | None = None, latency: bool = False, repeats: int = 20,
+                threads: int | None = None) -> str:
+        """Per-layer table, measured totals and, for scheduled runs, the per-step history.
+
+        With ``latency=True`` the original and the compressed model, and every
+        factorised layer against its dense original, are timed on the CPU (median of
+        ``repeats`` runs after a warm-up, ``threads`` fixes the thread count), and
+        layers measured slower than dense are flagged.
+        """
         text = self.plan.summary(max_rows=max_rows)
         if self.history:
             text += "\n\n" + history_table(self.history)
+        if latency:
+            text += "\n\n" + self.latency_report(repeats=repeats, threads=threads)
         return text
+
+    def latency_report(self, repeats: int = 20, threads: int | None = None) -> str:
+        """Measured forward latency: whole model and per factorised layer, original vs compressed."""
+        from .latency import layer_latencies, measure_latency
+
+        if self.original is None or self.example_inputs is None:
+            raise ValueError("latency needs the original model and example inputs; this result has none "
+                             "(inplace=True, or restored from a checkpoint)")
+        dense = measure_latency(self.original, self.example_inputs, repeats=repeats, threads=threads)
+        comp = measure_latency(self.model, self.example_inputs, repeats=repeats, threads=threads)
+        lines = [f"latency (median of {repeats}, CPU): original {dense['median_s'] * 1e3:.3f} ms -> "
+                 f"compressed {comp['median_s'] * 1e3:.3f} ms  (speed-up {dense['median_s'] / comp['median_s']:.2f}x)"]
+        rows = layer_latencies(self.original, self.model, self.plan, self.example_inputs, repeats=repeats,
+                               threads=threads)
+        for r in rows:
+            flag = "  <- SLOWER than dense" if r["slower"] else ""
+            lines.append(f"  {r['name']}: {r['dense_ms']:.3f} ms -> {r['compressed_ms']:.3f} ms "
+                         f"({r['speedup']:.2f}x){flag}")
+        slower = sum(r["slower"] for r in rows)
+        if slower:
+            lines.append(f"{slower} factorised layer(s) measured slower than dense")
+        return "\n".join(lines)
 
     def save(self, path) -> Any:
         """Save the plan (JSON) and the compressed weights (safetensors) into directory ``path``."""
@@ -252,10 +285,14 @@ def optimize(
 
     plan = Schedule.build(budget, steps, schedule, mode, finetune, evaluate, min_metric, checkpoint)
     if plan.is_single:
-        return step(model if inplace else copy.deepcopy(model), budget)
-    if inplace:
+        result = step(model if inplace else copy.deepcopy(model), budget)
+    elif inplace:
         raise ValueError("inplace=True applies to single-step compression only (no finetune, steps=1)")
-    return run_schedule(model, step, plan)
+    else:
+        result = run_schedule(model, step, plan)
+    result.original = None if inplace else model
+    result.example_inputs = example_inputs
+    return result
 
 
 @dataclass(frozen=True)

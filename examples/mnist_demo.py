@@ -68,10 +68,8 @@ def main() -> None:
               f"{tot['flops']:>12,} ({tot['flops'] / tot['flops_before']:.3f})  "
               f"{a0:>22.2f} -> {a1:>10.2f} -> {a2:>10.2f}  {secs:>6.1f}")
     last_budget = args.budgets[-1]
-    print(f"\nPer-step history at budget {last_budget} (the last step of a cascade compresses the fine-tuned "
-          "model of the step before):")
-    print(autorank.api.history_table(results[last_budget].history))
-    print(f"\nPlan at budget {last_budget}:")
+    print(f"\nPlan and per-step history at budget {last_budget} (each step of the cascade compresses the "
+          "fine-tuned model of the step before):")
     print(results[last_budget].summary())
 
     try:

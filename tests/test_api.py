@@ -261,3 +261,15 @@ def test_torch_transformer_encoder_layer(metric):
     assert "reads .weight directly" in r.plan.skipped["0.linear1"]
     with torch.no_grad():
         assert r.model(x).shape == (2, 5, 8)
+
+
+def test_summary_with_measured_latency():
+    model, x = build("mlp")
+    r = autorank.optimize(model, 0.4, x)
+    text = r.summary(latency=True, repeats=3, threads=1)
+    assert "latency (median of 3, CPU): original" in text
+    compressed = [n for n, lp in r.plan.layers.items() if lp.compressed]
+    assert compressed and all(f"  {n}: " in text for n in compressed)
+    inplace = autorank.optimize(build("mlp")[0], 0.4, x, inplace=True)
+    with pytest.raises(ValueError, match="latency needs the original model"):
+        inplace.summary(latency=True)
