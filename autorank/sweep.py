@@ -51,7 +51,7 @@ DATASETS = ("mnist",)
 CSV_COLUMNS = (
     "method", "allocator", "budget", "status", "params", "flops", "params_frac", "flops_frac",
     "latency_ms", "latency_iqr_ms", "speedup", "metric_before", "metric_after", "max_error",
-    "network_bound", "wall_s",
+    "network_bound", "slower_layers", "wall_s",
 )
 
 
@@ -467,7 +467,7 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
     from .api import allocate, make_plan
     from .curves import build_curves
     from .finetune import Finetune
-    from .latency import measure_latency
+    from .latency import layer_latencies, measure_latency
     from .realize import realize
 
     if not isinstance(config, SweepConfig):
@@ -554,6 +554,12 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
                      seed=ft.seed, progress=False)(work, 0, teacher=model if ft.distill else None)
             after = evaluate(work) if evaluate else None
         lat = measure_latency(work, spec.latency_inputs, config.latency_repeats, threads=config.latency_threads)
+        per_layer = layer_latencies(model, work, plan, spec.latency_inputs, config.latency_repeats,
+                                    threads=config.latency_threads)
+        slower = [r["name"] for r in per_layer if r["slower"]]
+        if slower:
+            log.warning("sweep: %s @ %g: factorised layer(s) measured slower than dense: %s",
+                        method.name, budget, ", ".join(slower))
         row.update(
             status="ok", params=plan.totals["params"], flops=plan.totals["flops"],
             params_frac=plan.totals["params"] / graph.total_params,
@@ -561,6 +567,7 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
             latency_ms=lat["median_s"] * 1e3, latency_iqr_ms=lat["iqr_s"] * 1e3,
             speedup=base_lat["median_s"] / lat["median_s"], metric_before=before, metric_after=after,
             max_error=plan.max_error, network_bound=plan.network_bound,
+            slower_layers=" ".join(slower), layer_latency=per_layer,
             wall_s=time.perf_counter() - t_row, plan=plan.to_dict(),
         )
         state["rows"].append(row)

@@ -148,6 +148,9 @@ def test_rows_are_measured_and_within_budget(tmp_path):
     assert ok["status"] == "ok" and ok["flops"] <= 0.5 * base["flops"]
     assert ok["latency_ms"] > 0 and ok["speedup"] > 0 and ok["max_error"] > 0
     assert ok["plan"]["totals"]["flops"] == ok["flops"]
+    compressed = {lp["name"] for lp in ok["plan"]["layers"] if lp["family"] != "dense"}
+    assert {r["name"] for r in ok["layer_latency"]} == compressed
+    assert ok["slower_layers"] == " ".join(r["name"] for r in ok["layer_latency"] if r["slower"])
     assert bad["status"].startswith("infeasible") and "smallest reachable budget" in bad["status"]
     with open(tmp_path / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
