@@ -12,11 +12,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def show_progress(enabled: bool | None) -> bool:
+    """``enabled`` if given, else whether stderr is a terminal."""
+    if enabled is not None:
+        return enabled
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
 def progress_bar(items: Iterable[T], desc: str, enabled: bool | None = None, total: int | None = None) -> Iterable[T]:
     """Wrap ``items`` in a tqdm bar when ``enabled`` (``None``: only if stderr is a terminal)."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
+    if not show_progress(enabled):
         return items
     from tqdm.auto import tqdm
 

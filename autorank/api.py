@@ -19,7 +19,8 @@ from .plan import LayerPlan, Plan
 from .realize import realize
 from .solver import Infeasible, network_bound, solve_minmax, solve_sum_dp, solve_sum_lagrangian
 
-__all__ = ["optimize", "allocate", "solve_curves", "make_plan", "OptimizeResult", "CompressStep"]
+__all__ = ["optimize", "allocate", "solve_curves", "make_plan", "fixed_cost", "measure_totals",
+           "OptimizeResult", "CompressStep"]
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,22 @@ def allocate(
         ) from None
     worst = max((float(curves[n].error[i]) for n, i in picked.items()), default=0.0)
     return picked, worst
+
+
+def fixed_cost(curves: Mapping[str, LayerCurves], metric: str, total: int) -> int:
+    """The part of ``total`` outside the layers that have curves (it counts towards the budget as is)."""
+    return total - sum(lc.info.dense_params if metric == "params" else lc.info.dense_flops
+                       for lc in curves.values())
+
+
+def measure_totals(graph: LayerGraph, model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """Params and MACs of the original (from ``graph``) and of ``model``, measured on the module."""
+    return {
+        "params_before": graph.total_params,
+        "flops_before": graph.total_flops,
+        "params": count_params(model),
+        "flops": count_flops(model, example_inputs),
+    }
 
 
 def make_plan(
@@ -333,9 +350,7 @@ def _compress(work: nn.Module, budget: float, cfg: CompressStep) -> OptimizeResu
     if not layer_curves:
         raise ValueError(f"{type(work).__name__} has no layer whose factorisation is cheaper than dense")
 
-    dense_cost = {n: (lc.info.dense_params if metric == "params" else lc.info.dense_flops)
-                  for n, lc in layer_curves.items()}
-    fixed = total - sum(dense_cost.values())
+    fixed = fixed_cost(layer_curves, metric, total)
     t = time.perf_counter()
     picked, worst = allocate(layer_curves, budget, metric, total, fixed, solver_cfg, cfg.allocator)
     timings["solve"] = time.perf_counter() - t
@@ -350,12 +365,7 @@ def _compress(work: nn.Module, budget: float, cfg: CompressStep) -> OptimizeResu
     timings["realize"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    measured = {
-        "params_before": graph.total_params,
-        "flops_before": graph.total_flops,
-        "params": count_params(work),
-        "flops": count_flops(work, example_inputs),
-    }
+    measured = measure_totals(graph, work, example_inputs)
     timings["measure"] = time.perf_counter() - t
     plan.totals = measured
     predicted = fixed + sum(float(layer_curves[n].cost(metric)[i]) for n, i in picked.items())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ._util import show_progress
 
 __all__ = ["Finetune", "distillation_loss"]
 
@@ -250,7 +251,7 @@ class Finetune:
                 steps = tqdm(
                     range(total_steps),
                     desc=f"finetune {step}",
-                    disable=not _show_progress(self.progress),
+                    disable=not show_progress(self.progress),
                     leave=False,
                 )
                 batches = _cycle(loader)
@@ -420,13 +421,6 @@ def _cycle(loader: Iterable) -> Iterator[Any]:
             yield batch
         if empty:
             return
-
-
-def _show_progress(progress: bool | None) -> bool:
-    """``progress`` if given, else whether stderr is a terminal."""
-    if progress is not None:
-        return progress
-    return sys.stderr is not None and sys.stderr.isatty()
 
 
 def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -55,6 +55,13 @@ def _check(errors: Arrays, costs: Arrays) -> None:
             raise ValueError(f"layer {i}: errors {e.shape} and costs {c.shape} must be equal non-empty 1-D arrays")
 
 
+def _check_feasible(errors: Arrays, costs: Arrays, budget: float) -> None:
+    _check(errors, costs)
+    lowest = min_total_cost(costs)
+    if lowest > budget:
+        raise Infeasible(budget, lowest)
+
+
 def min_total_cost(costs: Arrays) -> float:
     """The cheapest reachable total: every layer at its cheapest candidate."""
     return float(sum(c.min() for c in costs))
@@ -95,10 +102,7 @@ def solve_minmax(
     Raises:
         Infeasible: ``budget`` is below :func:`min_total_cost`.
     """
-    _check(errors, costs)
-    lowest = min_total_cost(costs)
-    if lowest > budget:
-        raise Infeasible(budget, lowest)
+    _check_feasible(errors, costs, budget)
     stairs = [_Staircase(np.asarray(e, np.float64), np.asarray(c, np.float64)) for e, c in zip(errors, costs)]
     taus = np.unique(np.concatenate([s.err for s in stairs]))
 
@@ -165,10 +169,7 @@ def solve_sum_lagrangian(
     errors: Arrays, costs: Arrays, budget: float, g=np.log1p, iters: int = 100
 ) -> list[int]:
     """``min sum_l g(eps_l)  s.t.  sum cost <= budget`` by Lagrangian bisection plus a greedy fill."""
-    _check(errors, costs)
-    lowest = min_total_cost(costs)
-    if lowest > budget:
-        raise Infeasible(budget, lowest)
+    _check_feasible(errors, costs, budget)
     objs = [g(np.asarray(e, np.float64)) for e in errors]
     cs = [np.asarray(c, np.float64) for c in costs]
 
@@ -204,10 +205,7 @@ def solve_sum_dp(
     Rounding up makes every DP-feasible choice truly feasible; the result is
     optimal for the rounded costs and within one bin per layer of the optimum.
     """
-    _check(errors, costs)
-    lowest = min_total_cost(costs)
-    if lowest > budget:
-        raise Infeasible(budget, lowest)
+    _check_feasible(errors, costs, budget)
     unit = budget / bins if budget > 0 else 1.0
     inf = np.inf
     dp = np.full(bins + 1, inf)

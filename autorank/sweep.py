@@ -19,7 +19,6 @@ Models are named by a spec string resolved by :func:`load_model`:
 
 from __future__ import annotations
 
-import copy
 import csv
 import importlib
 import json
@@ -463,8 +462,8 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
 
     Returns the results state (``{"version", "config", "baseline", "rows", ...}``).
     """
-    from . import analyze, count_flops, count_params
-    from .api import allocate, make_plan
+    from . import analyze
+    from .api import allocate, fixed_cost, make_plan, measure_totals
     from .curves import build_curves
     from .finetune import Finetune
     from .latency import layer_latencies, measure_latency
@@ -528,9 +527,7 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
         layer_curves, no_gain = curve_cache[key]
         row: dict[str, Any] = {"method": method.name, "allocator": method.allocator, "budget": budget}
         try:
-            dense_cost = {n: (lc.info.dense_params if config.metric == "params" else lc.info.dense_flops)
-                          for n, lc in layer_curves.items()}
-            fixed = total - sum(dense_cost.values())
+            fixed = fixed_cost(layer_curves, config.metric, total)
             solver = method.solver_config()
             picked, worst = allocate(layer_curves, budget, config.metric, total, fixed, solver, method.allocator)
         except ValueError as exc:
@@ -544,8 +541,7 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
                          config={"allocator": method.allocator, "curves": ccfg.to_dict(),
                                  "solver": solver.to_dict(), "exclude": []})
         work = realize(model, plan)  # a copy: the original stays the teacher and the reference
-        plan.totals = {"params_before": graph.total_params, "flops_before": graph.total_flops,
-                       "params": count_params(work), "flops": count_flops(work, x)}
+        plan.totals = measure_totals(graph, work, x)
         before = evaluate(work) if evaluate else None
         after = None
         if config.finetune is not None:

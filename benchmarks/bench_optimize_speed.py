@@ -61,7 +61,7 @@ def main() -> None:
         print(f"  repeat {r}: optimize {opt_times[-1]:.2f}s   bare svdvals pass {ref_times[-1]:.2f}s")
     opt, ref = statistics.median(opt_times), statistics.median(ref_times)
     plan = result.plan
-    print(f"stages of the last optimize (s): " + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()))
+    print("stages of the last optimize (s): " + ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()))
     print(f"median optimize {opt:.2f}s, median bare svdvals pass {ref:.2f}s, ratio optimize/svdvals = {opt / ref:.2f}")
     t = plan.totals
     print(f"measured params {t['params']:,}/{t['params_before']:,} = {t['params'] / t['params_before']:.4f}, "

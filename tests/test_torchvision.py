@@ -23,8 +23,7 @@ def grid(name, res, metric):
     graph = autorank.analyze(model, x)
     curves, no_gain = autorank.build_curves(model, graph, metric=metric)
     total = graph.total_params if metric == "params" else graph.total_flops
-    fixed = total - sum(lc.info.dense_params if metric == "params" else lc.info.dense_flops
-                        for lc in curves.values())
+    fixed = autorank.api.fixed_cost(curves, metric, total)
     measured = {}
     for budget in BUDGETS:
         try:
