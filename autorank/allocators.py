@@ -1,11 +1,14 @@
 """Allocators: rules that pick one candidate per layer from the curves under a budget.
 
-An allocator is a plain function::
+An allocator is a plain function of an :class:`AllocationContext`::
 
-    allocator(curves, budget, metric, total, fixed, solver) -> {layer: candidate index}
+    allocator(ctx) -> {layer: candidate index}
 
-with ``fixed + sum(cost of the picked candidates) <= budget * total``.  Register
-your own with :func:`register_allocator`; ``optimize(..., allocator=name)`` uses it.
+with ``ctx.fixed + sum(cost of the picked candidates) <= ctx.room + ctx.fixed``
+(i.e. ``<= budget * total``); when even the cheapest choice is over budget it
+raises :class:`autorank.solver.Infeasible`.  Register your own with
+:func:`register_allocator`; ``optimize(..., allocator=name)`` uses it, and
+``optimize(..., allocator=functools.partial(fn, option=...))`` passes options.
 
 * ``"alds"`` (default): the exact global step of :mod:`autorank.solver`.
 * ``"uniform"``: the same fraction ``r`` of the full rank in every layer (plain SVD,
@@ -16,7 +19,8 @@ your own with :func:`register_allocator`; ``optimize(..., allocator=name)`` uses
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -24,9 +28,48 @@ from .config import SolverConfig
 from .curves import LayerCurves
 from .solver import Infeasible
 
-__all__ = ["register_allocator", "get_allocator", "available_allocators", "uniform_allocation"]
+__all__ = ["AllocationContext", "register_allocator", "get_allocator", "resolve_allocator",
+           "available_allocators", "uniform_allocation"]
 
-Allocator = Callable[[Mapping[str, LayerCurves], float, str, int, int, SolverConfig], dict[str, int]]
+
+@dataclass
+class AllocationContext:
+    """Everything an allocator may use.
+
+    curves:   ``{layer: LayerCurves}``, every candidate with its error and costs.
+    budget, metric, total, fixed: the budget is ``fixed + sum(cost) <= budget * total``.
+    solver:   the :class:`SolverConfig`.
+    model:    the dense model being compressed (read-only: never modify it).
+    example_inputs: the inputs ``optimize`` was given.
+    moments:  ``{layer: Moments}`` of the calibration data, or None (weight-only).
+    evaluate: the user's ``evaluate(model) -> float`` (higher is better), or None.
+    cache:    a dict the allocator may use to keep results between calls with the
+              same model (e.g. a sensitivity table); ``optimize`` keeps one per run.
+    """
+
+    curves: Mapping[str, LayerCurves]
+    budget: float
+    metric: str
+    total: int
+    fixed: int
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    model: Any = None
+    example_inputs: Any = None
+    moments: Mapping[str, Any] | None = None
+    evaluate: Callable[[Any], float] | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def room(self) -> float:
+        """What the compressible layers may cost together: ``budget * total - fixed``."""
+        return self.budget * self.total - self.fixed
+
+    def cost(self, picked: Mapping[str, int]) -> float:
+        """Total cost of the picked candidates in the budget metric."""
+        return sum(float(self.curves[n].cost(self.metric)[i]) for n, i in picked.items())
+
+
+Allocator = Callable[[AllocationContext], dict[str, int]]
 _ALLOCATORS: dict[str, Allocator] = {}
 
 
@@ -47,6 +90,16 @@ def get_allocator(name: str) -> Allocator:
         raise ValueError(f"unknown allocator {name!r}; available: {available_allocators()}") from None
 
 
+def resolve_allocator(allocator: str | Allocator) -> tuple[str, Allocator]:
+    """``(name, function)`` for a registered name or a callable taking an :class:`AllocationContext`."""
+    if isinstance(allocator, str):
+        return allocator, get_allocator(allocator)
+    if callable(allocator):
+        func = getattr(allocator, "func", allocator)  # functools.partial
+        return getattr(func, "__name__", type(func).__name__), allocator
+    raise TypeError(f"allocator must be a registered name or a callable(ctx), got {allocator!r}")
+
+
 def available_allocators() -> list[str]:
     """Names of the registered allocators."""
     return sorted(_ALLOCATORS)
@@ -65,12 +118,9 @@ def _uniform_pick(lc: LayerCurves, fraction: float) -> int:
     return int(idx[0]) if len(idx) else 0
 
 
-def uniform_allocation(
-    curves: Mapping[str, LayerCurves], budget: float, metric: str, total: int, fixed: int,
-    solver: SolverConfig | None = None,
-) -> dict[str, int]:
+def uniform_allocation(ctx: AllocationContext) -> dict[str, int]:
     """The same rank fraction in every layer, the largest that meets the budget."""
-    room = budget * total - fixed
+    curves, metric, room = ctx.curves, ctx.metric, ctx.room
 
     def cost(fraction: float) -> tuple[float, dict[str, int]]:
         picked = {n: _uniform_pick(lc, fraction) for n, lc in curves.items()}
@@ -89,11 +139,12 @@ def uniform_allocation(
     return cost(lo)[1]
 
 
-def _alds(curves, budget, metric, total, fixed, solver):
+def alds_allocation(ctx: AllocationContext) -> dict[str, int]:
+    """The exact ALDS global step over every candidate of every enabled family."""
     from .api import solve_curves
 
-    return solve_curves(curves, budget, metric, total, fixed, solver)
+    return solve_curves(ctx.curves, ctx.budget, ctx.metric, ctx.total, ctx.fixed, ctx.solver)
 
 
-register_allocator("alds", _alds)
+register_allocator("alds", alds_allocation)
 register_allocator("uniform", uniform_allocation)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from .config import CurveConfig, SolverConfig, check_budget, check_metric
@@ -147,21 +148,27 @@ def allocate(
     total: int,
     fixed: int,
     solver: SolverConfig | None = None,
-    allocator: str = "alds",
+    allocator: Any = "alds",
+    **context: Any,
 ) -> tuple[dict[str, int], float]:
     """The global step: one candidate index per layer with ``fixed + sum(cost) <= budget * total``.
 
-    ``allocator`` names a registered allocator (``available_allocators()``).
+    ``allocator`` names a registered allocator (``available_allocators()``) or is a
+    callable taking an :class:`autorank.allocators.AllocationContext`; ``context``
+    fills that context's optional fields (``model``, ``example_inputs``, ``moments``,
+    ``evaluate``, ``cache``) for allocators that use data or evaluations.
     Returns ``({layer: candidate index}, largest error)``.
 
     Raises:
         ValueError: the budget cannot be met; the message gives the smallest reachable budget.
     """
-    from .allocators import get_allocator
+    from .allocators import AllocationContext, resolve_allocator
 
-    fn = get_allocator(allocator)
+    name, fn = resolve_allocator(allocator)
+    ctx = AllocationContext(curves=curves, budget=budget, metric=metric, total=total, fixed=fixed,
+                            solver=solver or SolverConfig(), **context)
     try:
-        picked = fn(curves, budget, metric, total, fixed, solver or SolverConfig())
+        picked = fn(ctx)
     except Infeasible as exc:
         smallest = (fixed + exc.minimum) / total
         raise ValueError(
@@ -169,8 +176,20 @@ def allocate(
             f"{smallest:.4f} ({fixed:,} of the {total:,} {metric} cannot be compressed, and every "
             "compressible layer is already at its cheapest candidate)"
         ) from None
+    _check_picked(name, curves, picked, ctx)
     worst = max((float(curves[n].error[i]) for n, i in picked.items()), default=0.0)
     return picked, worst
+
+
+def _check_picked(name: str, curves: Mapping[str, LayerCurves], picked: Any, ctx: Any) -> None:
+    if not isinstance(picked, Mapping) or set(picked) != set(curves):
+        raise RuntimeError(f"allocator {name!r} must return one candidate index for every layer with curves")
+    for n, i in picked.items():
+        if not 0 <= int(i) < len(curves[n]):
+            raise RuntimeError(f"allocator {name!r} picked candidate {i} of layer {n!r}, which has {len(curves[n])}")
+    if ctx.cost(picked) > ctx.room * (1 + 1e-9) + 1e-6:
+        raise RuntimeError(f"allocator {name!r} went over budget: {ctx.cost(picked):,.0f} > {ctx.room:,.0f} "
+                           f"{ctx.metric} for the compressible layers")
 
 
 def fixed_cost(curves: Mapping[str, LayerCurves], metric: str, total: int) -> int:
@@ -227,7 +246,11 @@ def optimize(
     exclude: Iterable[str] = (),
     curves: CurveConfig | Mapping[str, Any] | None = None,
     solver: SolverConfig | Mapping[str, Any] | None = None,
-    allocator: str = "alds",
+    allocator: Any = "alds",
+    families: Sequence[str] | None = None,
+    calibration: Iterable[Any] | None = None,
+    embeddings: bool = False,
+    refine: Any = None,
     finetune: Any = None,
     steps: int = 1,
     schedule: str | Sequence[float] = "geometric",
@@ -251,7 +274,18 @@ def optimize(
         curves: :class:`CurveConfig` (families, candidate groups, error bound).
         solver: :class:`SolverConfig` (objective and method of the global step).
         allocator: the rank-selection rule, ``"alds"`` (default) or another name from
-            ``autorank.available_allocators()`` (e.g. the ``"uniform"`` baseline).
+            ``autorank.available_allocators()`` (e.g. the ``"uniform"`` baseline), or a
+            callable taking an :class:`autorank.allocators.AllocationContext`.
+        families: the decomposition families that compete for every layer under the one
+            budget (``autorank.available_families()``); shorthand for
+            ``curves=CurveConfig(families=...)``.  Default ``("alds",)``.
+        calibration: an iterable of input batches (in the form of ``example_inputs``)
+            for data-aware curves: every error becomes ``||(W - W_hat) X||_F / ||W X||_F``
+            on these inputs and SVD factors are whitened (:mod:`autorank.calibration`).
+            Dict batches may carry an ``attention_mask``; padded tokens are left out.
+        embeddings: also factorise ``nn.Embedding`` tables (not tied ones).
+        refine: an :class:`autorank.Refine` to tune solver knobs with Optuna against a
+            metric on held-out data (single-step runs; see :mod:`autorank.refine`).
         finetune: ``None`` (compress only), an :class:`autorank.Finetune`, or any
             callable ``finetune(model, step) -> None`` that trains ``model`` in place.
         steps: number of compress -> fine-tune steps (see ``schedule``).
@@ -293,10 +327,38 @@ def optimize(
         exclude = tuple(exclude)
     except TypeError:
         raise TypeError(f"exclude must be a sequence of name patterns, got {exclude!r}") from None
-    from .allocators import get_allocator
+    from .allocators import resolve_allocator
 
-    get_allocator(allocator)  # validates the name
-    step = CompressStep(example_inputs, metric, exclude, curve_cfg, solver_cfg, progress, allocator)
+    resolve_allocator(allocator)  # validates the name
+    if families is not None:
+        if isinstance(families, str):
+            families = (families,)
+        from dataclasses import replace
+
+        curve_cfg = replace(curve_cfg, families=tuple(families))
+    if not isinstance(embeddings, bool):
+        raise TypeError(f"embeddings must be a bool, got {embeddings!r}")
+    if calibration is not None:
+        if isinstance(calibration, (torch.Tensor, Mapping)):
+            raise TypeError("calibration must be an iterable of batches (e.g. a list or a DataLoader), "
+                            f"not a single {type(calibration).__name__}; wrap it in a list")
+        try:
+            calibration = calibration if hasattr(calibration, "__len__") else list(calibration)
+        except TypeError:
+            raise TypeError(f"calibration must be an iterable of input batches, got {type(calibration).__name__}") from None
+    step = CompressStep(example_inputs, metric, exclude, curve_cfg, solver_cfg, progress, allocator,
+                        calibration=calibration, embeddings=embeddings, evaluate=evaluate)
+    if refine is not None:
+        from .refine import Refine, run_refine
+
+        if not isinstance(refine, Refine):
+            raise TypeError(f"refine must be an autorank.Refine, got {type(refine).__name__}")
+        if finetune is not None or steps != 1:
+            raise ValueError("refine applies to single-step compression (no finetune, steps=1)")
+        result = run_refine(model if inplace else copy.deepcopy(model), budget, step, refine)
+        result.original = None if inplace else model
+        result.example_inputs = example_inputs
+        return result
 
     from .retrain import Schedule, run_schedule
 
@@ -322,53 +384,97 @@ class CompressStep:
     curves: CurveConfig = field(default_factory=CurveConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     progress: bool | None = None
-    allocator: str = "alds"
+    allocator: Any = "alds"
+    calibration: Any = None
+    embeddings: bool = False
+    evaluate: Callable[[nn.Module], float] | None = None
+
+    @property
+    def allocator_name(self) -> str:
+        from .allocators import resolve_allocator
+
+        return resolve_allocator(self.allocator)[0]
 
     def __call__(self, work: nn.Module, budget: float) -> OptimizeResult:
         """Compress ``work`` **in place** to ``budget`` and return the result."""
         return _compress(work, budget, self)
 
+    def prepare(self, work: nn.Module) -> "Prepared":
+        """Analyse ``work`` and build its curves (and calibration moments): everything before allocation."""
+        return _prepare(work, self)
 
-def _compress(work: nn.Module, budget: float, cfg: CompressStep) -> OptimizeResult:
+
+@dataclass
+class Prepared:
+    """The budget-independent part of one compression: graph, moments and curves."""
+
+    graph: LayerGraph
+    curves: dict[str, LayerCurves]
+    skipped: dict[str, str]
+    total: int
+    fixed: int
+    moments: dict[str, Any] | None
+    timings: dict[str, float]
+
+
+def _prepare(work: nn.Module, cfg: CompressStep) -> Prepared:
     metric, example_inputs = cfg.metric, cfg.example_inputs
-    curve_cfg, solver_cfg, exclude, progress = cfg.curves, cfg.solver, cfg.exclude, cfg.progress
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    graph = analyze(work, example_inputs, exclude)
-    timings["analyze"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    graph = analyze(work, example_inputs, cfg.exclude, embeddings=cfg.embeddings)
+    timings["analyze"] = time.perf_counter() - t
     if not graph.layers:
         why = "; ".join(f"{n}: {r}" for n, r in list(graph.skipped.items())[:5]) or "no Linear/Conv1d/Conv2d layer"
         raise ValueError(f"{type(work).__name__} has no compressible layer ({why})")
     total = graph.total_params if metric == "params" else graph.total_flops
     if total <= 0:
         raise ValueError(f"the model's total {metric} on example_inputs is {total}; nothing to budget")
+    moments = None
+    if cfg.calibration is not None:
+        from .calibration import collect_moments
 
+        t = time.perf_counter()
+        moments = collect_moments(work, graph.layers, cfg.calibration, cfg.progress)
+        timings["calibration"] = time.perf_counter() - t
     t = time.perf_counter()
-    layer_curves, no_gain = build_curves(work, graph, curve_cfg, metric, progress)
+    layer_curves, no_gain = build_curves(work, graph, cfg.curves, metric, cfg.progress, moments)
     timings["curves"] = time.perf_counter() - t
-    skipped = {**graph.skipped, **no_gain}
     if not layer_curves:
         raise ValueError(f"{type(work).__name__} has no layer whose factorisation is cheaper than dense")
+    return Prepared(graph=graph, curves=layer_curves, skipped={**graph.skipped, **no_gain}, total=total,
+                    fixed=fixed_cost(layer_curves, metric, total), moments=moments, timings=timings)
 
-    fixed = fixed_cost(layer_curves, metric, total)
+
+def _compress(work: nn.Module, budget: float, cfg: CompressStep, prepared: Prepared | None = None,
+              cache: dict[str, Any] | None = None) -> OptimizeResult:
+    t0 = time.perf_counter()
+    prep = prepared or _prepare(work, cfg)
+    timings = dict(prep.timings)
     t = time.perf_counter()
-    picked, worst = allocate(layer_curves, budget, metric, total, fixed, solver_cfg, cfg.allocator)
+    picked, worst = allocate(prep.curves, budget, cfg.metric, prep.total, prep.fixed, cfg.solver, cfg.allocator,
+                             model=work, example_inputs=cfg.example_inputs, moments=prep.moments,
+                             evaluate=cfg.evaluate, cache={} if cache is None else cache)
     timings["solve"] = time.perf_counter() - t
+    return _finish(work, budget, cfg, prep, picked, worst, timings, t0)
 
-    plan = make_plan(layer_curves, picked, metric, budget, solver_cfg.objective, skipped,
-                     config={"allocator": cfg.allocator, "curves": curve_cfg.to_dict(),
-                             "solver": solver_cfg.to_dict(),
-                             "exclude": list(exclude)})
 
+def _finish(work: nn.Module, budget: float, cfg: CompressStep, prep: Prepared, picked: Mapping[str, int],
+            worst: float, timings: dict[str, float], t0: float) -> OptimizeResult:
+    metric = cfg.metric
+    plan = make_plan(prep.curves, picked, metric, budget, cfg.solver.objective, prep.skipped,
+                     config={"allocator": cfg.allocator_name, "curves": cfg.curves.to_dict(),
+                             "solver": cfg.solver.to_dict(), "exclude": list(cfg.exclude),
+                             "data_aware": prep.moments is not None, "embeddings": cfg.embeddings})
     t = time.perf_counter()
-    realize(work, plan, inplace=True)
+    realize(work, plan, inplace=True, moments=prep.moments)
     timings["realize"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    measured = measure_totals(graph, work, example_inputs)
+    measured = measure_totals(prep.graph, work, cfg.example_inputs)
     timings["measure"] = time.perf_counter() - t
     plan.totals = measured
-    predicted = fixed + sum(float(layer_curves[n].cost(metric)[i]) for n, i in picked.items())
+    total = prep.total
+    predicted = prep.fixed + sum(float(prep.curves[n].cost(metric)[i]) for n, i in picked.items())
     if measured[metric] != round(predicted):
         log.warning("measured %s (%d) differ from the plan's prediction (%d)", metric, measured[metric], predicted)
     if measured[metric] > budget * total * (1 + 1e-9):
@@ -379,4 +485,4 @@ def _compress(work: nn.Module, budget: float, cfg: CompressStep) -> OptimizeResu
     timings["total"] = time.perf_counter() - t0
     log.info("optimize: %s budget %.3f -> %.4f measured, largest error %.4f, %.2fs",
              metric, budget, measured[metric] / total, worst, timings["total"])
-    return OptimizeResult(model=work, plan=plan, graph=graph, curves=layer_curves, timings=timings)
+    return OptimizeResult(model=work, plan=plan, graph=prep.graph, curves=prep.curves, timings=timings)

@@ -58,13 +58,23 @@ class CurveConfig:
         ``"upper"`` (default): ``sqrt(sum_i sigma_{j+1}(W_i)^2) / sigma_1(W)``, a
         guaranteed upper bound on ``||W - W_hat||_2 / ||W||_2``;
         ``"max"``: the reference's ``max_i sigma_{j+1}(W_i) / sigma_1(W)``, a lower
-        bound.  Both are exact for ``k = 1``.
+        bound.  Both are exact for ``k = 1``.  (With calibration data every error
+        is the exact data-aware one and this setting does not apply.)
+    grid_points:
+        families whose error is measured on the factorisation itself (spatial SVD,
+        Tucker-2, CP, Tensor-Train, sparse + low-rank) try at most this many ranks
+        per layer (see :func:`autorank.errors.rank_grid`).
+    options:
+        per-family settings, ``{family: {option: value}}`` (e.g.
+        ``{"tucker2": {"hooi_iters": 5}}``); each family documents and validates its own.
     """
 
     families: tuple[str, ...] = ("alds",)
     max_groups: int = 8
     groups: tuple[int, ...] | None = None
     error_bound: str = "upper"
+    grid_points: int = 16
+    options: dict[str, dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         fams = self.families
@@ -88,6 +98,19 @@ class CurveConfig:
                 _check_int("CurveConfig", "groups[...]", g, 1)
             object.__setattr__(self, "groups", tuple(sorted(set(self.groups))))
         _check_choice("CurveConfig", "error_bound", self.error_bound, ERROR_BOUNDS)
+        _check_int("CurveConfig", "grid_points", self.grid_points, 2)
+        if self.options is not None:
+            if not isinstance(self.options, dict):
+                raise TypeError(f"CurveConfig.options must be a dict {{family: {{option: value}}}}, got {self.options!r}")
+            for fam, opts in self.options.items():
+                if fam not in available_families():
+                    raise ValueError(f"CurveConfig.options: unknown family {fam!r}; available: {available_families()}")
+                if not isinstance(opts, dict):
+                    raise TypeError(f"CurveConfig.options[{fam!r}] must be a dict of options, got {opts!r}")
+
+    def family_options(self, family: str) -> dict[str, Any]:
+        """The options given for ``family`` (empty when none)."""
+        return dict((self.options or {}).get(family, {}))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

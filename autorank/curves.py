@@ -155,6 +155,23 @@ class LayerCurves:
             "flops": int(self.flops[i]),
         }
 
+    def find(self, family: str, **hyper: int) -> int | None:
+        """Index of the candidate of ``family`` with exactly these hyperparameter values, or None."""
+        if family == "dense":
+            return 0
+        if family not in self.families:
+            return None
+        f = self.families.index(family)
+        idx = np.nonzero(self.family == f)[0]
+        rows = self.row[idx]
+        for key, val in hyper.items():
+            col = self.hyper[f].get(key)
+            if col is None:
+                return None
+            sel = col[rows] == val
+            idx, rows = idx[sel], rows[sel]
+        return int(idx[0]) if len(idx) else None
+
     def curve(self, family: str = "alds", **fixed: int) -> dict[str, np.ndarray]:
         """The candidates of one family, optionally with hyperparameters fixed (e.g. ``groups=1``)."""
         if family not in self.families:
@@ -173,9 +190,13 @@ class LayerCurves:
 
 
 def build_layer_curves(
-    module: nn.Module, info: LayerInfo, config: CurveConfig, metric: str = "params"
+    module: nn.Module, info: LayerInfo, config: CurveConfig, metric: str = "params",
+    moment: torch.Tensor | None = None,
 ) -> LayerCurves | str:
-    """All candidates of one layer, or the reason why it has none."""
+    """All candidates of one layer, or the reason why it has none.
+
+    ``moment``: the layer's input second moment (data-aware errors), or None.
+    """
     from .families import get_family
 
     names: list[str] = ["dense"]
@@ -191,7 +212,8 @@ def build_layer_curves(
         if not fam.supports(module, info):
             continue
         supported = True
-        cand = fam.candidates(module, info, config)
+        cand = fam.candidates(module, info, config, moment)
+        _check_columns(fname, cand)
         cost = cand.params if metric == "params" else cand.flops
         keep = np.nonzero(cost < dense_cost)[0]
         if len(keep) == 0:
@@ -215,22 +237,41 @@ def build_layer_curves(
     )
 
 
+def _check_columns(family: str, cand: CandidateColumns) -> None:
+    n = len(cand.error)
+    for key, col in (("error_lower", cand.error_lower), ("params", cand.params), ("flops", cand.flops),
+                     *cand.hyper.items()):
+        if len(col) != n:
+            raise ValueError(f"family {family!r} returned {len(col)} {key!r} values for {n} candidates")
+    if n and (not np.all(np.isfinite(cand.error)) or np.any(cand.error < 0)):
+        raise ValueError(f"family {family!r} returned a negative or non-finite error")
+
+
 def build_curves(
     model: nn.Module,
     graph: LayerGraph,
     config: CurveConfig | None = None,
     metric: str = "params",
     progress: bool | None = None,
+    moments: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, LayerCurves], dict[str, str]]:
     """Error curves of every compressible layer of ``graph``.
 
-    Returns ``(curves, skipped)``: layers with no candidate cheaper than dense (in
-    ``metric``), or that no enabled family supports, are in ``skipped`` with the reason.
+    ``moments``: ``{layer: Moments}`` from :func:`autorank.calibration.collect_moments`;
+    the layers listed get data-aware errors.  Returns ``(curves, skipped)``: layers
+    with no candidate cheaper than dense (in ``metric``), or that no enabled family
+    supports, are in ``skipped`` with the reason.
     """
     config = config or CurveConfig()
     modules = dict(model.named_modules())
     items = list(graph.layers.items())
-    built = parallel_map(lambda it: build_layer_curves(modules[it[0]], it[1], config, metric), items,
+    moments = moments or {}
+
+    def one(it):
+        mom = moments.get(it[0])
+        return build_layer_curves(modules[it[0]], it[1], config, metric, None if mom is None else mom.matrix)
+
+    built = parallel_map(one, items,
                          weight=lambda it: it[1].weight_params, desc="error curves", progress=progress)
     curves: dict[str, LayerCurves] = {}
     skipped: dict[str, str] = {}

@@ -65,7 +65,9 @@ class LayerInfo:
 
     @property
     def dense_flops(self) -> int:
-        """Multiply-accumulates of the dense layer over the example inputs."""
+        """Multiply-accumulates of the dense layer over the example inputs (0 for an embedding lookup)."""
+        if self.kind == "embedding":
+            return 0
         return self.positions * self.weight_params
 
 
@@ -177,6 +179,7 @@ def analyze(
     model: nn.Module,
     example_inputs: Any,
     exclude: Iterable[str] = (),
+    embeddings: bool = False,
 ) -> LayerGraph:
     """Find the compressible layers of ``model`` and the data flow between modules.
 
@@ -185,6 +188,8 @@ def analyze(
             (hooks removed, training mode and ``requires_grad`` flags restored, even on error).
         example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword inputs.
         exclude: ``fnmatch`` patterns of qualified module names to leave dense.
+        embeddings: also treat ``nn.Embedding`` tables as compressible matrices
+            (``dim x num_embeddings``, see :class:`autorank.modules.LowRankEmbedding`).
 
     Raises:
         TypeError / ValueError: bad arguments.
@@ -354,6 +359,8 @@ def analyze(
         parent = named.get(name.rpartition(".")[0]) if "." in name else model
         if pat is not None:
             reason = f"excluded by pattern {pat!r}"
+        elif reason is None and handler.kind == "embedding" and not embeddings:
+            reason = "embedding table (pass embeddings=True to factorise it)"
         elif reason is None and isinstance(parent, PARENTS_READING_CHILD_WEIGHTS):
             reason = f"its parent {type(parent).__name__} reads .weight directly (fused fast path)"
         elif reason is None and other_names:

@@ -50,11 +50,19 @@ def register_layer_handler(module_type: type, handler: LayerHandler) -> None:
     _HANDLERS[module_type] = handler
 
 
+# Handlers for classes of optional libraries, keyed by "module.QualName", so that
+# autorank never imports those libraries itself (``import autorank`` stays light).
+_NAMED_HANDLERS: dict[str, LayerHandler] = {}
+
+
 def get_layer_handler(module: nn.Module) -> LayerHandler | None:
     """The handler for ``module``'s type (nearest registered base class), or None."""
     for cls in type(module).__mro__:
         if cls in _HANDLERS:
             return _HANDLERS[cls]
+        named = _NAMED_HANDLERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if named is not None:
+            return named
     return None
 
 
@@ -88,6 +96,37 @@ for _cls, _kind in ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d")):
         LayerHandler(kind=_kind, geometry=_conv_geometry, weight_matrix=_conv_matrix,
                      skip_reason=_conv_skip),
     )
+
+
+def _embedding_skip(module: nn.Embedding) -> str | None:
+    if module.max_norm is not None:
+        return f"embedding with max_norm={module.max_norm} (renormalises rows at lookup)"
+    if module.sparse:
+        return "embedding with sparse gradients"
+    return None
+
+
+register_layer_handler(
+    nn.Embedding,
+    LayerHandler(
+        kind="embedding",
+        # one-hot inputs: W = E^T maps num_embeddings "channels" to embedding_dim outputs
+        geometry=lambda m: (m.embedding_dim, m.num_embeddings, ()),
+        weight_matrix=lambda m: m.weight.T,
+        skip_reason=_embedding_skip,
+    ),
+)
+
+# Hugging Face's GPT-2-style Conv1D: y = x @ W + b with W of shape (in, out), i.e. a
+# Linear whose weight is stored transposed.
+_NAMED_HANDLERS["transformers.pytorch_utils.Conv1D"] = LayerHandler(
+    kind="hf_conv1d",
+    geometry=lambda m: (m.weight.shape[1], m.weight.shape[0], ()),
+    weight_matrix=lambda m: m.weight.T,
+    skip_reason=lambda m: None,
+)
+
+LINEAR_KINDS = ("linear", "hf_conv1d")
 
 
 def kernel_numel(kernel: tuple[int, ...]) -> int:

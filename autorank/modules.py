@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from ._util import single_thread
 
-__all__ = ["Factorized", "GroupedLowRankLinear", "GroupedLowRankConv", "grouped_low_rank_factors"]
+__all__ = ["Factorized", "GroupedLowRankLinear", "GroupedLowRankConv", "LowRankEmbedding",
+           "grouped_low_rank_factors"]
 
 
 class Factorized:
@@ -124,15 +125,24 @@ class GroupedLowRankLinear(Factorized, nn.Module):
     @classmethod
     def from_dense(cls, layer: nn.Linear, rank: int, groups: int = 1) -> "GroupedLowRankLinear":
         """Factorise ``layer`` by the truncated SVD of each input group."""
-        w = layer.weight
-        new = cls(layer.in_features, layer.out_features, rank, groups, layer.bias is not None,
-                  device=w.device, dtype=w.dtype)
-        a, b = grouped_low_rank_factors(w, groups, rank)
+        a, b = grouped_low_rank_factors(layer.weight, groups, rank)
+        return cls.from_factors(a, b, layer.bias, like=layer.weight)
+
+    @classmethod
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                     like: torch.Tensor) -> "GroupedLowRankLinear":
+        """The layer with ``A`` = ``a`` ``(k, j, n/k)``, ``B`` = ``b`` ``(k, f, j)`` and ``bias``.
+
+        ``like`` gives the dtype and device.
+        """
+        k, j, nk = a.shape
+        f = b.shape[1]
+        new = cls(k * nk, f, j, k, bias is not None, device=like.device, dtype=like.dtype)
         with torch.no_grad():
-            new.first.copy_(a.to(w.dtype))
-            new.second.weight.copy_(b.transpose(0, 1).reshape(layer.out_features, groups * rank).to(w.dtype))
-            if layer.bias is not None:
-                new.second.bias.copy_(layer.bias)
+            new.first.copy_(a.to(like.dtype))
+            new.second.weight.copy_(b.transpose(0, 1).reshape(f, k * j).to(like.dtype))
+            if bias is not None:
+                new.second.bias.copy_(bias.detach().reshape(-1))
         return new
 
     def to_dense(self) -> nn.Linear:
@@ -199,8 +209,13 @@ class GroupedLowRankConv(Factorized, nn.Sequential):
         self.dims, self.rank, self.groups = dims, rank, groups
 
     @classmethod
-    def from_dense(cls, layer: nn.Conv1d | nn.Conv2d, rank: int, groups: int = 1) -> "GroupedLowRankConv":
-        """Factorise ``layer`` by the truncated SVD of each input-channel group."""
+    def from_dense(cls, layer: nn.Conv1d | nn.Conv2d, rank: int, groups: int = 1,
+                   factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> "GroupedLowRankConv":
+        """Factorise ``layer`` by the truncated SVD of each input-channel group.
+
+        ``factors``: precomputed ``(A, B)`` in the layout of :func:`grouped_low_rank_factors`
+        (e.g. the data-aware ones of :func:`autorank.calibration.whitened_factors`).
+        """
         if layer.groups != 1:
             raise ValueError(f"only groups=1 convolutions can be factorised, got groups={layer.groups}")
         w = layer.weight
@@ -209,7 +224,7 @@ class GroupedLowRankConv(Factorized, nn.Sequential):
                   layer.stride, layer.padding, layer.dilation, layer.bias is not None,
                   layer.padding_mode, device=w.device, dtype=w.dtype)
         f = layer.out_channels
-        a, b = grouped_low_rank_factors(w.reshape(f, -1), groups, rank)
+        a, b = factors if factors is not None else grouped_low_rank_factors(w.reshape(f, -1), groups, rank)
         with torch.no_grad():
             new.first.weight.copy_(a.reshape(new.first.weight.shape).to(w.dtype))
             new.second.weight.copy_(
@@ -233,3 +248,47 @@ class GroupedLowRankConv(Factorized, nn.Sequential):
             if snd.bias is not None:
                 out.bias.copy_(snd.bias)
         return out
+
+
+class LowRankEmbedding(Factorized, nn.Module):
+    """``E ~= T P^T``: an ``nn.Embedding(num, rank)`` lookup followed by ``P`` (``rank -> dim``, no bias).
+
+    In autorank's matrix view an embedding is the ``dim x num`` matrix ``W = E^T``
+    applied to one-hot inputs; a rank-``j`` factorisation ``W ~= B A`` is stored
+    as the table ``T = A^T`` (``num x j``) and the projection ``P = B`` (``dim x j``).
+    Parameters: ``j * (num + dim)``; multiply-accumulates per token: ``j * dim``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.padding_idx = padding_idx
+        self.table = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx, **kw)
+        self.proj = nn.Linear(rank, embedding_dim, bias=False, **kw)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.table(ids))
+
+    @classmethod
+    def from_factors(cls, layer: nn.Embedding, a: torch.Tensor, b: torch.Tensor) -> "LowRankEmbedding":
+        """From ``A`` (``j x num``) and ``B`` (``dim x j``) of ``W = E^T ~= B A``."""
+        w = layer.weight
+        new = cls(layer.num_embeddings, layer.embedding_dim, a.shape[0], layer.padding_idx,
+                  device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.table.weight.copy_(a.T.to(w.dtype))
+            new.proj.weight.copy_(b.to(w.dtype))
+        return new
+
+    def to_dense(self) -> nn.Embedding:
+        w = self.table.weight
+        out = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                           device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w @ self.proj.weight.T)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings} x {self.embedding_dim}, rank={self.rank}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import torch.nn as nn
 
@@ -28,6 +28,7 @@ def realize(
     inplace: bool = False,
     init: bool = True,
     layers: Iterable[str] | None = None,
+    moments: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Replace every compressed layer of ``plan`` in ``model`` by its factorised modules.
 
@@ -39,6 +40,8 @@ def realize(
             ``False`` only the module structure is built (``autorank.load`` then
             fills in the saved weights).
         layers: restrict to these layer names.
+        moments: ``{layer: Moments}`` of calibration data; families that can use them
+            fit the factors to the data (e.g. the whitened SVD of ALDS).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -55,7 +58,12 @@ def realize(
         except AttributeError:
             raise ValueError(f"the plan names layer {name!r}, which this model does not have") from None
         family = get_family(lp.family)
-        todo.append((name, old, lp.hyper, family.realize if init else family.skeleton))
+        mom = (moments or {}).get(name)
+        if not init:
+            todo.append((name, old, lp.hyper, family.skeleton))
+        else:
+            todo.append((name, old, lp.hyper,
+                         lambda m, h, f=family, mm=(None if mom is None else mom.matrix): f.realize(m, h, mm)))
     # the factorisations are independent: compute them in parallel, then swap the modules in
     built = parallel_map(lambda t: t[3](t[1], t[2]), todo,
                          weight=lambda t: sum(p.numel() for p in t[1].parameters()))

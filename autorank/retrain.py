@@ -132,8 +132,9 @@ class Schedule:
 
 def _fingerprint(schedule: Schedule, step: Any) -> dict[str, Any]:
     return {"budgets": list(schedule.budgets), "mode": schedule.mode, "metric": step.metric,
-            "allocator": step.allocator, "curves": step.curves.to_dict(), "solver": step.solver.to_dict(),
-            "exclude": list(step.exclude)}
+            "allocator": step.allocator_name, "curves": step.curves.to_dict(), "solver": step.solver.to_dict(),
+            "exclude": list(step.exclude), "data_aware": step.calibration is not None,
+            "embeddings": step.embeddings}
 
 
 def _run_finetune(finetune: Any, model: nn.Module, step: int, teacher: nn.Module) -> dict[str, Any]:

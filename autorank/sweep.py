@@ -514,6 +514,7 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
              time.perf_counter() - t0, base_lat["median_s"] * 1e3)
 
     curve_cache: dict[str, tuple[dict, dict]] = {}
+    alloc_cache: dict[str, Any] = {}  # e.g. the sensitivity allocator's table, shared by all rows
     for method, budget in todo:
         t_row = time.perf_counter()
         ccfg = method.curve_config()
@@ -529,7 +530,8 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
         try:
             fixed = fixed_cost(layer_curves, config.metric, total)
             solver = method.solver_config()
-            picked, worst = allocate(layer_curves, budget, config.metric, total, fixed, solver, method.allocator)
+            picked, worst = allocate(layer_curves, budget, config.metric, total, fixed, solver, method.allocator,
+                                     model=model, example_inputs=x, evaluate=evaluate, cache=alloc_cache)
         except ValueError as exc:
             log.warning("sweep: %s at budget %g: %s", method.name, budget, exc)
             row.update(status=f"infeasible: {exc}", wall_s=time.perf_counter() - t_row)

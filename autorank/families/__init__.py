@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..curves import CandidateColumns
     from ..graph import LayerInfo
 
-__all__ = ["Family", "register_family", "get_family", "available_families"]
+__all__ = ["Family", "register_family", "get_family", "available_families", "family_options"]
 
 
 @dataclass(frozen=True)
@@ -27,25 +27,37 @@ class Family:
     supports:
         ``(module, info) -> bool``: can this family factorise this layer?
     candidates:
-        ``(module, info, config) -> CandidateColumns``: every candidate with its
-        predicted error and its parameter and FLOP cost (without "dense").
+        ``(module, info, config, moment) -> CandidateColumns``: every candidate with
+        its error and its parameter and FLOP cost (without "dense").  ``moment`` is
+        None (weight-only: the error is the relative operator-norm error
+        ``||W - W_hat||_2 / ||W||_2`` of the ``f x c*K`` weight matrix) or the layer's
+        input second moment ``M`` (``n x n`` float64; data-aware: the error is
+        ``||(W - W_hat) X||_F / ||W X||_F``).  See :mod:`autorank.errors`.
     realize:
-        ``(module, hyper) -> nn.Module``: the factorised module, initialised
-        from ``module``'s weights; ``hyper`` is the candidate's hyperparameters
-        (for ALDS ``{"groups": k, "rank": j}``).  It must be an instance of
+        ``(module, hyper, moment) -> nn.Module``: the factorised module, initialised
+        from ``module``'s weights (fitted to the data when ``moment`` is given and the
+        family can use it); ``hyper`` is the candidate's hyperparameters (for ALDS
+        ``{"groups": k, "rank": j}``).  It must be an instance of
         :class:`autorank.modules.Factorized` whose ``to_dense()`` returns the
         equivalent dense layer (the cascade scheduler re-factorises through it;
         :func:`autorank.realize` checks this).
     skeleton:
         ``(module, hyper) -> nn.Module``: the same module structure with
         uninitialised weights (used by ``autorank.load``).
+    needs_finetune:
+        the family's candidates are only worth their cost after fine-tuning (ALRF);
+        their error is that of the module as initialised.
+    description:
+        one line for listings.
     """
 
     name: str
     supports: Callable[["nn.Module", "LayerInfo"], bool]
-    candidates: Callable[["nn.Module", "LayerInfo", "CurveConfig"], "CandidateColumns"]
-    realize: Callable[["nn.Module", dict[str, Any]], "nn.Module"]
+    candidates: Callable[["nn.Module", "LayerInfo", "CurveConfig", Any], "CandidateColumns"]
+    realize: Callable[["nn.Module", dict[str, Any], Any], "nn.Module"]
     skeleton: Callable[["nn.Module", dict[str, Any]], "nn.Module"]
+    needs_finetune: bool = False
+    description: str = ""
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -71,6 +83,30 @@ def get_family(name: str) -> Family:
 def available_families() -> list[str]:
     """Names of the registered decomposition families."""
     return sorted(_FAMILIES)
+
+
+def family_options(config: "CurveConfig", family: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with ``config.options[family]``; unknown option names raise ValueError.
+
+    Each value must have the type of its default (ints are accepted for floats).
+    """
+    given = config.family_options(family)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"CurveConfig.options[{family!r}]: unknown option(s) {unknown}; "
+                         f"{family} accepts {sorted(defaults)}")
+    out = dict(defaults)
+    for key, val in given.items():
+        want = type(defaults[key])
+        ok = isinstance(val, want) and not (want is not bool and isinstance(val, bool))
+        if want is float and isinstance(val, int) and not isinstance(val, bool):
+            ok, val = True, float(val)
+        if defaults[key] is None:
+            ok = True
+        if not ok:
+            raise TypeError(f"CurveConfig.options[{family!r}][{key!r}] must be a {want.__name__}, got {val!r}")
+        out[key] = val
+    return out
 
 
 from . import alds as _alds  # noqa: E402,F401  (registers the built-in family)

@@ -1,0 +1,321 @@
+r"""Calibration data: streamed input second moments and the data-aware (whitened) SVD.
+
+**Moments.**  For every compressible layer, the rows ``x`` of its input (one per
+token for a Linear, one im2col patch per output position for a convolution,
+with the columns ordered like the weight matrix) are accumulated as
+
+    S = sum_x x x^T        (n x n, float64),     N = number of rows,
+
+batch by batch, so memory is ``O(n^2)`` per layer whatever the number of
+samples; ``M = S / N`` is the second moment.  When a batch is a dict with an
+``attention_mask`` of shape ``(B, T)``, rows of ``(B, T, n)`` inputs at padded
+positions are left out.
+
+**Data-aware error and the whitened truncation.**  The error of ``W_hat`` on the
+calibration inputs ``X`` is
+
+    ||(W - W_hat) X||_F^2 = tr(R M R^T) N,     R = W - W_hat.
+
+With a square-root ``M = L L^T`` (e.g. Cholesky), this is ``||R L||_F^2``, so the
+best rank-``j`` ``W_hat`` truncates the SVD of ``W L`` (Eckart-Young) and maps
+back: ``W_hat = [W L]_j L^{-1}`` (SVD-LLM).  Since ``[W L]_j = U_j U_j^T W L``
+with ``U_j`` the top-``j`` left singular vectors of ``W L`` -- the top
+eigenvectors of ``W M W^T`` --
+
+    W_hat = U_j U_j^T W ,
+
+the same optimum without forming ``L^{-1}``: it needs no damping and is exact for a
+rank-deficient ``M`` too (directions the data never excites are not inverted, so
+nothing blows up there).  autorank realises this projection form;
+:func:`whitened_factors_cholesky` computes the SVD-LLM form with a damped Cholesky
+factor ``L = chol(M + delta * mean(diag M) * I)`` and agrees with it to within the
+damping on full-rank data (tested), which is the check that both are the same
+optimum.  The errors of all
+ranks come from the eigenvalues ``lambda_l`` of ``W M W^T``:
+
+    eps(j)^2 = sum_{l > j} lambda_l / sum_l lambda_l .
+
+**Grouped (ALDS, k > 1).**  Each input group ``i`` is whitened with its own block
+``M_ii``: ``W_hat_i = P_i W_i``, ``P_i = U_ij U_ij^T``.  The error of the whole
+layer includes the cross-group terms,
+
+    ||R X||^2 / N = sum_{i,i'} tr(R_i M_ii' R_i'^T),      R_i = (I - P_i) W_i,
+
+which is computed exactly for all ranks at once: with the full eigenvector
+matrices ``U_i``,
+
+    C = sum_{i,i'} (U_i^T U_i') * (U_i^T W_i M_ii' W_i'^T U_i')      (elementwise *),
+    ||R(j) X||^2 / N = sum_{l > j, l' > j} C[l, l'],
+
+a suffix sum over the bottom-right block of ``C``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._util import progress_bar, single_thread
+
+__all__ = [
+    "Moments",
+    "collect_moments",
+    "layer_inputs",
+    "whitened_error_curve",
+    "whitened_factors",
+    "whitened_factors_cholesky",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Moments:
+    """Streamed input second moment of one layer: ``sum`` = ``sum_x x x^T`` over ``count`` rows."""
+
+    sum: torch.Tensor  # (n, n) float64
+    count: int = 0
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """``M = E[x x^T]`` (``n x n``, float64)."""
+        return self.sum / max(self.count, 1)
+
+    def update(self, rows: torch.Tensor) -> None:
+        """Add the rows of ``rows`` (``N x n``)."""
+        r = rows.detach().to(torch.float64)
+        self.sum.addmm_(r.T, r)
+        self.count += r.shape[0]
+
+
+def layer_inputs(module: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The rows ``x`` the layer's weight matrix multiplies (``N x n``), from its input tensor.
+
+    Linear-like layers: the last axis.  Convolutions: im2col patches in the
+    weight's ``(c, kh, kw)`` column order, with the layer's padding (any
+    ``padding_mode``), stride and dilation.
+    """
+    if kind in ("conv1d", "conv2d"):
+        dims = 1 if kind == "conv1d" else 2
+        if dims == 1:
+            x = x.unsqueeze(-2)
+        k = (1, *module.kernel_size) if dims == 1 else tuple(module.kernel_size)
+        st = (1, *module.stride) if dims == 1 else tuple(module.stride)
+        dl = (1, *module.dilation) if dims == 1 else tuple(module.dilation)
+        pad = module.padding
+        if isinstance(pad, str):  # "same" / "valid"
+            if pad == "valid":
+                pad = (0,) * dims
+            else:
+                total = [d * (kk - 1) for d, kk in zip(module.dilation, module.kernel_size)]
+                lo = [t // 2 for t in total]
+                hi = [t - l for t, l in zip(total, lo)]
+                spec = [v for pair in zip(reversed(lo), reversed(hi)) for v in pair]
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                x = F.pad(x, spec + ([0, 0] if dims == 1 else []), mode=mode)
+                pad = (0,) * dims
+        pad = tuple(pad)
+        if module.padding_mode != "zeros" and any(pad):
+            spec = [v for p in reversed(pad) for v in (p, p)]
+            x = F.pad(x, spec + ([0, 0] if dims == 1 else []), mode=module.padding_mode)
+            pad = (0,) * dims
+        pd = (0, *pad) if dims == 1 else pad
+        cols = F.unfold(x, k, dilation=dl, padding=pd, stride=st)  # (B, c*K, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if kind == "embedding":
+        raise ValueError("embedding inputs are token ids; their moments are collected as counts")
+    return x.reshape(-1, x.shape[-1])
+
+
+def _mask_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Keep the rows of a ``(B, T, n)`` input where ``mask`` (``B x T``) is non-zero."""
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x.reshape(-1, x.shape[-1])
+    return x[mask.to(torch.bool)]
+
+
+@torch.no_grad()
+def collect_moments(
+    model: nn.Module,
+    layers: Mapping[str, Any],
+    batches: Iterable[Any],
+    progress: bool | None = None,
+    mask_key: str = "attention_mask",
+) -> dict[str, Moments]:
+    """Stream the calibration ``batches`` through ``model`` and accumulate every layer's input moments.
+
+    Args:
+        model: the model (run in eval mode; its mode is restored).
+        layers: ``{qualified name: LayerInfo}`` of the layers to collect.
+        batches: an iterable of inputs in the form of ``example_inputs`` (tensor, tuple
+            or dict); a ``(inputs, target)`` pair from a labelled loader is not split,
+            so pass inputs only.
+        mask_key: in dict batches, the ``(B, T)`` mask whose zero positions are left out.
+
+    Returns ``{name: Moments}``.  Embedding layers get the diagonal moment of their
+    one-hot inputs (token counts) as a dense diagonal matrix.
+    """
+    from .graph import run_model
+
+    modules = dict(model.named_modules())
+    acc: dict[str, Moments] = {}
+    state: dict[str, Any] = {"mask": None}
+    handles = []
+
+    def hook(name: str, kind: str):
+        def fn(mod, args):
+            x = args[0]
+            if kind == "embedding":
+                ids = x
+                if state["mask"] is not None and tuple(ids.shape) == tuple(state["mask"].shape):
+                    ids = ids[state["mask"].to(torch.bool)]
+                counts = torch.bincount(ids.reshape(-1), minlength=mod.num_embeddings).to(torch.float64)
+                mom = acc.setdefault(name, Moments(torch.zeros(mod.num_embeddings, mod.num_embeddings,
+                                                               dtype=torch.float64)))
+                mom.sum.diagonal().add_(counts)
+                mom.count += int(counts.sum())
+                return
+            if kind in ("linear", "hf_conv1d"):
+                rows = _mask_rows(x, state["mask"])
+            else:
+                rows = layer_inputs(mod, x, kind)
+            mom = acc.setdefault(name, Moments(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)))
+            mom.update(rows)
+
+        return fn
+
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    n_batches = 0
+    try:
+        for name, info in layers.items():
+            handles.append(modules[name].register_forward_pre_hook(hook(name, info.kind)))
+        for batch in progress_bar(batches, "calibration", progress):
+            state["mask"] = batch.get(mask_key) if isinstance(batch, Mapping) else None
+            run_model(model, batch)
+            n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in was_training.items():
+            m.training = mode
+    if n_batches == 0:
+        raise ValueError("calibration is empty: it must yield at least one batch of inputs")
+    missing = [n for n in layers if n not in acc]
+    if missing:
+        log.warning("no calibration inputs reached %d layer(s): %s", len(missing), ", ".join(missing[:5]))
+    return acc
+
+
+def _eigh_desc(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with single_thread(mat.shape[-1]):
+        evals, evecs = torch.linalg.eigh(mat)
+    return evals.flip(-1).clamp_min(0), evecs.flip(-1)
+
+
+def _blocks(weight: torch.Tensor, moment: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    f, n = weight.shape
+    if n % groups:
+        raise ValueError(f"groups={groups} does not divide the {n} input columns")
+    if moment.shape != (n, n):
+        raise ValueError(f"moment of shape {tuple(moment.shape)} does not match a weight with {n} columns")
+    w = weight.detach().to(torch.float64).reshape(f, groups, n // groups).transpose(0, 1)  # (k, f, n/k)
+    return w, moment.to(torch.float64)
+
+
+@torch.no_grad()
+def whitened_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Data-aware errors ``eps(j)`` for ranks ``j = 1 .. min(f, n/groups)`` of the per-group whitened truncation.
+
+    Returns ``(errors, spectrum)``: ``errors[j-1] = ||(W - W_hat_j) X||_F / ||W X||_F``
+    exactly (cross-group terms included, see the module docstring) and, for
+    ``groups = 1``, ``spectrum`` = the singular values of ``W L`` (square roots of the
+    eigenvalues of ``W M W^T``; for ``groups > 1`` those of group 0).
+    """
+    w, m = _blocks(weight, moment, groups)
+    k, f, nk = w.shape
+    rank_max = min(f, nk)
+    total = float(torch.einsum("fa,ab,fb->", weight.detach().to(torch.float64), m, weight.detach().to(torch.float64)))
+    mb = m.reshape(k, nk, k, nk).permute(0, 2, 1, 3)  # mb[i, i'] = M_ii'
+    wm = torch.einsum("ifa,ijab->ijfb", w, mb)  # W_i M_ii'  (k, k, f, nk)
+    gram = torch.einsum("ijfb,jgb->ijfg", wm, w)  # W_i M_ii' W_i'^T  (k, k, f, f)
+    diag = gram[torch.arange(k), torch.arange(k)]  # (k, f, f)
+    evals, u = _eigh_desc(0.5 * (diag + diag.transpose(1, 2)))  # (k, f), (k, f, f)
+    if total <= 0.0:
+        return np.zeros(rank_max), evals[0].sqrt().numpy()
+    if k == 1:
+        tail = evals[0].flip(0).cumsum(0).flip(0)  # tail[l] = sum_{l' >= l} lambda
+        err2 = torch.cat([tail[1:], tail.new_zeros(1)])[:rank_max]
+    else:
+        c = torch.zeros(f, f, dtype=torch.float64)
+        for i in range(k):
+            for i2 in range(k):
+                c += (u[i].T @ u[i2]) * (u[i].T @ gram[i, i2] @ u[i2])
+        suffix = c.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1)  # suffix[a, b] = sum_{l>=a, l'>=b} C
+        idx = torch.arange(1, rank_max + 1)
+        err2 = torch.where(idx < f, suffix[idx.clamp_max(f - 1), idx.clamp_max(f - 1)], torch.zeros(()))
+        err2 = torch.where(idx >= nk, torch.zeros(()), err2)  # full rank of each group is exact
+    err = (err2.clamp_min(0) / total).sqrt().numpy()
+    return err, evals[0].sqrt().numpy()
+
+
+@torch.no_grad()
+def whitened_factors(
+    weight: torch.Tensor, moment: torch.Tensor, groups: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the per-group whitened truncation ``W_hat_i = U_ij U_ij^T W_i = B_i A_i``.
+
+    Same layout as :func:`autorank.modules.grouped_low_rank_factors`: ``A`` is
+    ``(groups, rank, n/groups)`` and ``B`` is ``(groups, f, rank)``, float64.  The
+    scale of each rank-one term is balanced between ``A`` and ``B``
+    (``||a_l|| = ||b_l||``), which leaves the product unchanged.
+    """
+    w, m = _blocks(weight, moment, groups)
+    k, f, nk = w.shape
+    if not 1 <= rank <= min(f, nk):
+        raise ValueError(f"rank must be in [1, {min(f, nk)}] for a {f}x{nk} block, got {rank}")
+    idx = torch.arange(nk)
+    blocks = torch.stack([m[i * nk + idx][:, i * nk + idx] for i in range(k)])  # M_ii  (k, nk, nk)
+    cov = w @ blocks @ w.transpose(1, 2)
+    _, u = _eigh_desc(0.5 * (cov + cov.transpose(1, 2)))
+    b = u[:, :, :rank]  # (k, f, rank), orthonormal columns
+    a = b.transpose(1, 2) @ w  # (k, rank, nk)
+    scale = a.norm(dim=2).clamp_min(torch.finfo(torch.float64).tiny).sqrt()  # (k, rank)
+    return a / scale.unsqueeze(2), b * scale.unsqueeze(1)
+
+
+@torch.no_grad()
+def whitened_factors_cholesky(
+    weight: torch.Tensor, moment: torch.Tensor, rank: int, damping: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM form of the whitened truncation (one group): ``W_hat = [W L]_j L^{-1}``.
+
+    ``L = chol(M + delta * mean(diag M) * I)``; ``delta`` is raised tenfold until the
+    factorisation succeeds.  Returns ``(A, B)`` with ``A = S^{1/2} V^T L^{-1}``
+    (``rank x n``) and ``B = U S^{1/2}`` (``f x rank``).  The product equals
+    :func:`whitened_factors` to rounding when ``M`` is well conditioned.
+    """
+    w = weight.detach().to(torch.float64)
+    m = moment.to(torch.float64)
+    n = m.shape[0]
+    scale = float(m.diagonal().mean()) or 1.0
+    delta = damping
+    for _ in range(12):
+        lower, info = torch.linalg.cholesky_ex(m + delta * scale * torch.eye(n, dtype=torch.float64))
+        if int(info) == 0:
+            break
+        delta *= 10
+    else:  # pragma: no cover - M is symmetric PSD, so some damping always works
+        raise RuntimeError("Cholesky factorisation of the input moment failed even with heavy damping")
+    u, s, vh = torch.linalg.svd(w @ lower, full_matrices=False)
+    root = s[:rank].sqrt()
+    b = u[:, :rank] * root
+    # A = S^{1/2} V^T L^{-1}:  solve A L = S^{1/2} V^T  <=>  L^T A^T = (S^{1/2} V^T)^T
+    a = torch.linalg.solve_triangular(lower.T, (root.unsqueeze(1) * vh[:rank]).T, upper=True).T
+    return a, b
