@@ -8,7 +8,8 @@ The steps ``optimize`` is built from are public for experts: :func:`analyze`
 :func:`realize` (modules), :func:`save` / :func:`load`.
 """
 
-from .allocators import available_allocators, register_allocator
+from . import errors
+from .allocators import AllocationContext, available_allocators, register_allocator
 from .api import CompressStep, OptimizeResult, allocate, make_plan, optimize, solve_curves
 from .config import CurveConfig, SolverConfig
 from .curves import LayerCurves, build_curves
@@ -20,12 +21,16 @@ from .layers import LayerHandler, register_layer_handler
 from .modules import GroupedLowRankConv, GroupedLowRankLinear
 from .plan import LayerPlan, Plan
 from .realize import densify, realize
+from .refine import Refine
 
 __version__ = "0.1.0"
 
 __all__ = [
     "optimize",
     "Finetune",
+    "Refine",
+    "AllocationContext",
+    "errors",
     "OptimizeResult",
     "allocate",
     "make_plan",

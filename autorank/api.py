@@ -59,6 +59,11 @@ class OptimizeResult:
         layers measured slower than dense are flagged.
         """
         text = self.plan.summary(max_rows=max_rows)
+        ref = self.plan.config.get("refine")
+        if ref:
+            text += (f"\n\nrefine (Optuna, seed {ref['seed']}): best trial {ref['best_trial']} of {ref['n_trials']} "
+                     f"({ref['pruned']} pruned), metric {ref['best_metric']:.4f} vs unrefined "
+                     f"{ref['baseline_metric']:.4f} (gain {ref['gain']:+.4f}); best settings {ref['best_params']}")
         if self.history:
             text += "\n\n" + history_table(self.history)
         if latency:

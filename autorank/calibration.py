@@ -79,12 +79,12 @@ log = logging.getLogger(__name__)
 class Moments:
     """Streamed input second moment of one layer: ``sum`` = ``sum_x x x^T`` over ``count`` rows."""
 
-    sum: torch.Tensor  # (n, n) float64
+    sum: torch.Tensor  # (n, n) float64, or (n,) when x x^T is diagonal (one-hot inputs of an embedding)
     count: int = 0
 
     @property
     def matrix(self) -> torch.Tensor:
-        """``M = E[x x^T]`` (``n x n``, float64)."""
+        """``M = E[x x^T]`` (``n x n`` float64, or its diagonal ``(n,)`` for an embedding)."""
         return self.sum / max(self.count, 1)
 
     def update(self, rows: torch.Tensor) -> None:
@@ -158,8 +158,9 @@ def collect_moments(
             so pass inputs only.
         mask_key: in dict batches, the ``(B, T)`` mask whose zero positions are left out.
 
-    Returns ``{name: Moments}``.  Embedding layers get the diagonal moment of their
-    one-hot inputs (token counts) as a dense diagonal matrix.
+    Returns ``{name: Moments}``.  Embedding layers get the diagonal of the moment of
+    their one-hot inputs (the token counts) as a 1-D tensor; every function here that
+    takes a moment accepts that diagonal form.
     """
     from .graph import run_model
 
@@ -176,9 +177,8 @@ def collect_moments(
                 if state["mask"] is not None and tuple(ids.shape) == tuple(state["mask"].shape):
                     ids = ids[state["mask"].to(torch.bool)]
                 counts = torch.bincount(ids.reshape(-1), minlength=mod.num_embeddings).to(torch.float64)
-                mom = acc.setdefault(name, Moments(torch.zeros(mod.num_embeddings, mod.num_embeddings,
-                                                               dtype=torch.float64)))
-                mom.sum.diagonal().add_(counts)
+                mom = acc.setdefault(name, Moments(torch.zeros(mod.num_embeddings, dtype=torch.float64)))
+                mom.sum.add_(counts)  # one-hot rows: x x^T is diagonal, so only the diagonal is kept
                 mom.count += int(counts.sum())
                 return
             if kind in ("linear", "hf_conv1d"):
@@ -219,10 +219,19 @@ def _eigh_desc(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.flip(-1).clamp_min(0), evecs.flip(-1)
 
 
+def _weighted_gram(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``W M W^T`` for a full ``M`` (``n x n``) or a diagonal one (``(n,)``)."""
+    return (w * m) @ w.T if m.dim() == 1 else w @ m @ w.T
+
+
 def _blocks(weight: torch.Tensor, moment: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     f, n = weight.shape
     if n % groups:
         raise ValueError(f"groups={groups} does not divide the {n} input columns")
+    if moment.dim() == 1 and moment.shape[0] == n:
+        if groups != 1:
+            raise ValueError("a diagonal moment (embedding) supports groups=1 only")
+        return weight.detach().to(torch.float64).unsqueeze(0), moment.to(torch.float64)
     if moment.shape != (n, n):
         raise ValueError(f"moment of shape {tuple(moment.shape)} does not match a weight with {n} columns")
     w = weight.detach().to(torch.float64).reshape(f, groups, n // groups).transpose(0, 1)  # (k, f, n/k)
@@ -241,10 +250,13 @@ def whitened_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int
     w, m = _blocks(weight, moment, groups)
     k, f, nk = w.shape
     rank_max = min(f, nk)
-    total = float(torch.einsum("fa,ab,fb->", weight.detach().to(torch.float64), m, weight.detach().to(torch.float64)))
-    mb = m.reshape(k, nk, k, nk).permute(0, 2, 1, 3)  # mb[i, i'] = M_ii'
-    wm = torch.einsum("ifa,ijab->ijfb", w, mb)  # W_i M_ii'  (k, k, f, nk)
-    gram = torch.einsum("ijfb,jgb->ijfg", wm, w)  # W_i M_ii' W_i'^T  (k, k, f, f)
+    if m.dim() == 1:  # diagonal moment, groups = 1
+        gram = _weighted_gram(w[0], m).reshape(1, 1, f, f)
+    else:
+        mb = m.reshape(k, nk, k, nk).permute(0, 2, 1, 3)  # mb[i, i'] = M_ii'
+        wm = torch.einsum("ifa,ijab->ijfb", w, mb)  # W_i M_ii'  (k, k, f, nk)
+        gram = torch.einsum("ijfb,jgb->ijfg", wm, w)  # W_i M_ii' W_i'^T  (k, k, f, f)
+    total = float(sum(gram[i, i2].diagonal().sum() for i in range(k) for i2 in range(k)))
     diag = gram[torch.arange(k), torch.arange(k)]  # (k, f, f)
     evals, u = _eigh_desc(0.5 * (diag + diag.transpose(1, 2)))  # (k, f), (k, f, f)
     if total <= 0.0:
@@ -260,7 +272,8 @@ def whitened_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int
         suffix = c.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1)  # suffix[a, b] = sum_{l>=a, l'>=b} C
         idx = torch.arange(1, rank_max + 1)
         err2 = torch.where(idx < f, suffix[idx.clamp_max(f - 1), idx.clamp_max(f - 1)], torch.zeros(()))
-        err2 = torch.where(idx >= nk, torch.zeros(()), err2)  # full rank of each group is exact
+    # at j >= n/k every group keeps its whole row space (the data error is then 0 up to rounding)
+    err2 = torch.where(torch.arange(1, rank_max + 1) >= nk, torch.zeros(()), err2)
     err = (err2.clamp_min(0) / total).sqrt().numpy()
     return err, evals[0].sqrt().numpy()
 
@@ -280,9 +293,12 @@ def whitened_factors(
     k, f, nk = w.shape
     if not 1 <= rank <= min(f, nk):
         raise ValueError(f"rank must be in [1, {min(f, nk)}] for a {f}x{nk} block, got {rank}")
-    idx = torch.arange(nk)
-    blocks = torch.stack([m[i * nk + idx][:, i * nk + idx] for i in range(k)])  # M_ii  (k, nk, nk)
-    cov = w @ blocks @ w.transpose(1, 2)
+    if m.dim() == 1:
+        cov = _weighted_gram(w[0], m).unsqueeze(0)
+    else:
+        idx = torch.arange(nk)
+        blocks = torch.stack([m[i * nk + idx][:, i * nk + idx] for i in range(k)])  # M_ii  (k, nk, nk)
+        cov = w @ blocks @ w.transpose(1, 2)
     _, u = _eigh_desc(0.5 * (cov + cov.transpose(1, 2)))
     b = u[:, :, :rank]  # (k, f, rank), orthonormal columns
     a = b.transpose(1, 2) @ w  # (k, rank, nk)

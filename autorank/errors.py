@@ -59,14 +59,19 @@ def relative_spectral_error(weight: torch.Tensor, approx: torch.Tensor) -> float
 
 
 def relative_data_error(weight: torch.Tensor, approx: torch.Tensor, moment: torch.Tensor) -> float:
-    """``sqrt(tr(R M R^T) / tr(W M W^T))`` with ``R = W - W_hat`` and ``M`` the input second moment (``n x n``)."""
+    """``sqrt(tr(R M R^T) / tr(W M W^T))`` with ``R = W - W_hat`` and ``M`` the input second moment.
+
+    ``M`` is ``n x n``, or its diagonal ``(n,)`` when the inputs are one-hot (an embedding).
+    """
     w = weight.detach().to(torch.float64)
     m = moment.to(torch.float64)
     r = w - approx.detach().to(torch.float64)
-    den = float(((w @ m) * w).sum())
+    if m.dim() == 1:  # a diagonal moment (one-hot inputs of an embedding)
+        den, num = float((w * w * m).sum()), float((r * r * m).sum())
+    else:
+        den, num = float(((w @ m) * w).sum()), float(((r @ m) * r).sum())
     if den <= 0.0:
         return 0.0
-    num = float(((r @ m) * r).sum())
     return float(np.sqrt(max(num, 0.0) / den))
 
 
