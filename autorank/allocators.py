@@ -148,3 +148,4 @@ def alds_allocation(ctx: AllocationContext) -> dict[str, int]:
 
 register_allocator("alds", alds_allocation)
 register_allocator("uniform", uniform_allocation)
+from . import baselines as _baselines  # noqa: E402,F401  (registers the baseline allocators)

@@ -174,8 +174,12 @@ def collect_moments(
             x = args[0]
             if kind == "embedding":
                 ids = x
-                if state["mask"] is not None and tuple(ids.shape) == tuple(state["mask"].shape):
-                    ids = ids[state["mask"].to(torch.bool)]
+                mask = state["mask"]
+                if mask is not None and ids.dim() == mask.dim():
+                    try:  # position ids come as (1, T): broadcast them to the (B, T) mask
+                        ids = ids.expand(mask.shape)[mask.to(torch.bool)]
+                    except RuntimeError:
+                        pass
                 counts = torch.bincount(ids.reshape(-1), minlength=mod.num_embeddings).to(torch.float64)
                 mom = acc.setdefault(name, Moments(torch.zeros(mod.num_embeddings, dtype=torch.float64)))
                 mom.sum.add_(counts)  # one-hot rows: x x^T is diagonal, so only the diagonal is kept
@@ -238,44 +242,79 @@ def _blocks(weight: torch.Tensor, moment: torch.Tensor, groups: int) -> tuple[to
     return w, moment.to(torch.float64)
 
 
+def _output_eigen(w: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``r = min(f, n)`` eigenpairs of ``W M W^T`` for one block ``W`` (``f x n``), descending.
+
+    With ``f <= n`` the ``f x f`` matrix is decomposed directly.  Otherwise the
+    ``n x n`` side is used: ``M = S S^T`` (``S = Q Lambda^{1/2}``), the eigenvectors of
+    ``(W S)^T (W S)`` give ``u_l = W S v_l / sigma_l``; directions with
+    ``sigma_l <= 1e-7 sigma_1`` carry ``lambda_l <= 1e-14 lambda_1`` and are set to zero
+    (the data never excites them, so they add nothing to any error).
+    """
+    f, n = w.shape
+    if f <= n:
+        g = _weighted_gram(w, m)
+        evals, u = _eigh_desc(0.5 * (g + g.T))
+        return evals, u
+    if m.dim() == 1:
+        ws = w * m.clamp_min(0).sqrt()
+    else:
+        lam, q = _eigh_desc(0.5 * (m + m.T))
+        ws = w @ (q * lam.sqrt())
+    evals, v = _eigh_desc(ws.T @ ws)
+    sig = evals.sqrt()
+    keep = sig > 1e-7 * sig[0] if sig[0] > 0 else torch.zeros_like(sig, dtype=torch.bool)
+    u = (ws @ v) / torch.where(keep, sig, torch.ones_like(sig))
+    u[:, ~keep] = 0.0
+    return torch.where(keep, evals, torch.zeros_like(evals)), u
+
+
 @torch.no_grad()
 def whitened_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Data-aware errors ``eps(j)`` for ranks ``j = 1 .. min(f, n/groups)`` of the per-group whitened truncation.
 
     Returns ``(errors, spectrum)``: ``errors[j-1] = ||(W - W_hat_j) X||_F / ||W X||_F``
-    exactly (cross-group terms included, see the module docstring) and, for
-    ``groups = 1``, ``spectrum`` = the singular values of ``W L`` (square roots of the
-    eigenvalues of ``W M W^T``; for ``groups > 1`` those of group 0).
+    exactly (cross-group terms included, see the module docstring) and ``spectrum``,
+    the singular values of ``W_0 L_0`` (square roots of the eigenvalues of
+    ``W_0 M_00 W_0^T``; for ``groups = 1`` those of ``W L``).
+
+    Cost per group: one ``min(f, n/k)``-sized eigendecomposition; the cross terms
+    work on ``r x r`` matrices, ``r = min(f, n/k)``.
     """
     w, m = _blocks(weight, moment, groups)
     k, f, nk = w.shape
     rank_max = min(f, nk)
-    if m.dim() == 1:  # diagonal moment, groups = 1
-        gram = _weighted_gram(w[0], m).reshape(1, 1, f, f)
+    w_full = weight.detach().to(torch.float64)
+    total = float((w_full * w_full * m).sum()) if m.dim() == 1 else float(((w_full @ m) * w_full).sum())
+    if m.dim() == 1:
+        eig = [_output_eigen(w[0], m)]
     else:
-        mb = m.reshape(k, nk, k, nk).permute(0, 2, 1, 3)  # mb[i, i'] = M_ii'
-        wm = torch.einsum("ifa,ijab->ijfb", w, mb)  # W_i M_ii'  (k, k, f, nk)
-        gram = torch.einsum("ijfb,jgb->ijfg", wm, w)  # W_i M_ii' W_i'^T  (k, k, f, f)
-    total = float(sum(gram[i, i2].diagonal().sum() for i in range(k) for i2 in range(k)))
-    diag = gram[torch.arange(k), torch.arange(k)]  # (k, f, f)
-    evals, u = _eigh_desc(0.5 * (diag + diag.transpose(1, 2)))  # (k, f), (k, f, f)
+        idx = torch.arange(nk)
+        eig = [_output_eigen(w[i], m[i * nk + idx][:, i * nk + idx]) for i in range(k)]
+    spectrum = eig[0][0][:rank_max].sqrt().numpy()
     if total <= 0.0:
-        return np.zeros(rank_max), evals[0].sqrt().numpy()
+        return np.zeros(rank_max), spectrum
     if k == 1:
-        tail = evals[0].flip(0).cumsum(0).flip(0)  # tail[l] = sum_{l' >= l} lambda
-        err2 = torch.cat([tail[1:], tail.new_zeros(1)])[:rank_max]
+        lam = eig[0][0][:rank_max]
+        tail = lam.flip(0).cumsum(0).flip(0)  # tail[l] = sum_{l' >= l} lambda
+        err2 = torch.cat([tail[1:], tail.new_zeros(1)])
     else:
-        c = torch.zeros(f, f, dtype=torch.float64)
+        us = [u[:, :rank_max] for _, u in eig]  # (f, r) each
+        zs = [us[i].T @ w[i] for i in range(k)]  # Z_i = U_i^T W_i  (r, nk)
+        c = torch.zeros(rank_max, rank_max, dtype=torch.float64)
         for i in range(k):
+            zm = zs[i] @ m[i * nk:(i + 1) * nk]  # Z_i [M_i1 ... M_ik]  (r, n)
             for i2 in range(k):
-                c += (u[i].T @ u[i2]) * (u[i].T @ gram[i, i2] @ u[i2])
+                h = zm[:, i2 * nk:(i2 + 1) * nk] @ zs[i2].T  # U_i^T W_i M_ii' W_i'^T U_i'
+                c += (us[i].T @ us[i2]) * h
         suffix = c.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1)  # suffix[a, b] = sum_{l>=a, l'>=b} C
-        idx = torch.arange(1, rank_max + 1)
-        err2 = torch.where(idx < f, suffix[idx.clamp_max(f - 1), idx.clamp_max(f - 1)], torch.zeros(()))
+        j = torch.arange(1, rank_max + 1)
+        err2 = torch.where(j < rank_max, suffix[j.clamp_max(rank_max - 1), j.clamp_max(rank_max - 1)],
+                           torch.zeros(()))
     # at j >= n/k every group keeps its whole row space (the data error is then 0 up to rounding)
     err2 = torch.where(torch.arange(1, rank_max + 1) >= nk, torch.zeros(()), err2)
     err = (err2.clamp_min(0) / total).sqrt().numpy()
-    return err, evals[0].sqrt().numpy()
+    return err, spectrum
 
 
 @torch.no_grad()
@@ -294,15 +333,14 @@ def whitened_factors(
     if not 1 <= rank <= min(f, nk):
         raise ValueError(f"rank must be in [1, {min(f, nk)}] for a {f}x{nk} block, got {rank}")
     if m.dim() == 1:
-        cov = _weighted_gram(w[0], m).unsqueeze(0)
+        bs = [_output_eigen(w[0], m)[1][:, :rank]]
     else:
         idx = torch.arange(nk)
-        blocks = torch.stack([m[i * nk + idx][:, i * nk + idx] for i in range(k)])  # M_ii  (k, nk, nk)
-        cov = w @ blocks @ w.transpose(1, 2)
-    _, u = _eigh_desc(0.5 * (cov + cov.transpose(1, 2)))
-    b = u[:, :, :rank]  # (k, f, rank), orthonormal columns
+        bs = [_output_eigen(w[i], m[i * nk + idx][:, i * nk + idx])[1][:, :rank] for i in range(k)]
+    b = torch.stack(bs)  # (k, f, rank), orthonormal (or zero) columns
     a = b.transpose(1, 2) @ w  # (k, rank, nk)
-    scale = a.norm(dim=2).clamp_min(torch.finfo(torch.float64).tiny).sqrt()  # (k, rank)
+    scale = (a.norm(dim=2) / b.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(
+        torch.finfo(torch.float64).tiny).sqrt()  # (k, rank)
     return a / scale.unsqueeze(2), b * scale.unsqueeze(1)
 
 

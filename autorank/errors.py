@@ -82,12 +82,16 @@ def relative_errors(
 
     ``moment`` is the layer's input second moment ``M`` (``n x n``) in data-aware mode, else None.
     """
+    w = weight.detach().to(torch.float64)
+    norm = spectral_norm(w) if moment is None else 0.0  # ||W||_2 once for all candidates
     errs = []
     for approx in approximations:
         if approx.shape != weight.shape:
             raise ValueError(f"approximation of shape {tuple(approx.shape)} for a weight of shape {tuple(weight.shape)}")
-        errs.append(relative_spectral_error(weight, approx) if moment is None
-                    else relative_data_error(weight, approx, moment))
+        if moment is not None:
+            errs.append(relative_data_error(w, approx, moment))
+        else:
+            errs.append(0.0 if norm == 0.0 else spectral_norm(w - approx.detach().to(torch.float64)) / norm)
     return np.asarray(errs, dtype=np.float64)
 
 

@@ -109,4 +109,11 @@ def family_options(config: "CurveConfig", family: str, defaults: dict[str, Any])
     return out
 
 
-from . import alds as _alds  # noqa: E402,F401  (registers the built-in family)
+# the built-in families register themselves on import
+from . import alds as _alds  # noqa: E402,F401
+from . import alrf as _alrf  # noqa: E402,F401
+from . import cp as _cp  # noqa: E402,F401
+from . import sparse_lowrank as _sparse_lowrank  # noqa: E402,F401
+from . import spatial as _spatial  # noqa: E402,F401
+from . import tt as _tt  # noqa: E402,F401
+from . import tucker as _tucker  # noqa: E402,F401

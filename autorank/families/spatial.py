@@ -1,0 +1,326 @@
+r"""Spatial SVD of a 2-D convolution (Jaderberg et al., 2014; Tai et al., 2016).
+
+**Maths.**  Reshape the kernel ``W`` (``f x c x kh x kw``) into the
+``(c*kh) x (kw*f)`` matrix
+
+    M[(c, i), (j, f)] = W[f, c, i, j]
+
+and keep its rank-``K`` truncated SVD ``M ~= U_K S_K V_K^T`` (Eckart-Young optimal
+for ``M``, not for the layer's matrix ``f x (c*kh*kw)``, so the layer error is
+*measured*).  With the singular values split evenly,
+
+    V[k, c, i] = U[(c, i), k] sqrt(s_k)        (vertical filters, kh x 1)
+    H[f, k, j] = sqrt(s_k) V[(j, f), k]         (horizontal filters, 1 x kw)
+
+and ``W_hat[f, c, i, j] = sum_k H[f, k, j] V[k, c, i]``.  The layer becomes
+
+* ``vertical``: ``c -> K``, kernel ``(kh, 1)``, stride ``(sh, 1)``, padding ``(ph, 0)``,
+  dilation ``(dh, 1)``, no bias;
+* ``horizontal``: ``K -> f``, kernel ``(1, kw)``, stride ``(1, sw)``, padding ``(0, pw)``,
+  dilation ``(1, dw)``, with the original bias.
+
+Padding commutes with the (bias-free) vertical conv, for every ``padding_mode``,
+so the pair computes exactly the conv with weight ``W_hat``; at ``K = min(c*kh, kw*f)``
+that is ``W``.
+
+**Cost.**  Parameters ``K (c*kh + kw*f)`` (+ ``f`` bias).  Multiply-accumulates per
+call on an ``N x c x H x W`` input with output ``Ho x Wo``:
+
+    K*c*kh * N*Ho*W   (vertical, full input width)  +  f*K*kw * N*Ho*Wo   (horizontal)
+
+**Candidates.**  ``K`` on :func:`autorank.errors.rank_grid` up to
+``min(c*kh, kw*f)``, all from one SVD; the error of each is that of the realised
+layer (weight-only ``||W - W_hat||_2 / ||W||_2`` or, with a calibration moment, the
+data-aware one), via :func:`autorank.errors.relative_errors`.  The factors are
+always fitted to the weights.  No options.
+
+This module also holds the 2-D conv geometry helpers shared by the other
+convolution families (:mod:`.tucker`, :mod:`.cp`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .._util import single_thread
+from ..config import CurveConfig
+from ..curves import CandidateColumns
+from ..errors import check_hyper, rank_grid, relative_errors
+from ..graph import LayerInfo
+from ..modules import Factorized
+from . import Family, family_options, register_family
+
+__all__ = ["Conv2dGeometry", "conv2d_geometry", "conv_out_size", "call_flops", "dense_conv", "as_pair",
+           "require_geometry", "spatial_matrix", "spatial_svd", "spatial_svd_factors", "spatial_svd_weight", "spatial_svd_cost",
+           "SpatialSVDConv", "SPATIAL_SVD"]
+
+NAME = "spatial_svd"
+
+
+# ---- 2-D conv geometry (shared by the convolution families) -------------------------------
+
+
+@dataclass(frozen=True)
+class Conv2dGeometry:
+    """The geometry of an ``nn.Conv2d`` with ``groups = 1`` and integer padding."""
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    padding_mode: str
+    bias: bool
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    def out_hw(self, h: int, w: int) -> tuple[int, int]:
+        """Output height and width for an ``h x w`` input."""
+        return tuple(conv_out_size(s, k, st, p, d) for s, k, st, p, d in
+                     zip((h, w), self.kernel, self.stride, self.padding, self.dilation))  # type: ignore[return-value]
+
+
+def as_pair(v: int | Sequence[int]) -> tuple[int, int]:
+    """``(v, v)`` for an int, else the first two entries as ints."""
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv2d_geometry(module: nn.Module) -> Conv2dGeometry | None:
+    """The geometry of ``module``, or None if it is not an ``nn.Conv2d`` with ``groups = 1``.
+
+    ``padding="valid"`` is read as 0 and ``padding="same"`` as ``d*(k-1)/2`` where that
+    is an integer in both dimensions (otherwise the layer is not supported).
+    """
+    if not isinstance(module, nn.Conv2d) or module.groups != 1:
+        return None
+    kernel, stride, dilation = as_pair(module.kernel_size), as_pair(module.stride), as_pair(module.dilation)
+    padding = module.padding
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        if any(t % 2 for t in total):
+            return None
+        padding = (total[0] // 2, total[1] // 2)
+    elif isinstance(padding, str):
+        return None
+    return Conv2dGeometry(module.in_channels, module.out_channels, kernel, stride, as_pair(padding), dilation,
+                          module.padding_mode, module.bias is not None)
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one dimension (PyTorch's formula)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _input_nhw(info: LayerInfo) -> tuple[int, int, int]:
+    shape = tuple(info.in_shape)
+    if len(shape) == 3:  # unbatched (c, H, W)
+        return 1, shape[1], shape[2]
+    return shape[0], shape[2], shape[3]
+
+
+def call_flops(info: LayerInfo, geom: Conv2dGeometry, per_call) -> np.ndarray:
+    """Scale multiply-accumulates of one call to the layer's example batch, as int64.
+
+    ``per_call(n, h, w, ho, wo)`` returns the MACs (an int64 array) of one call on an
+    ``n x c x h x w`` input (``info.in_shape``) whose dense output is ``ho x wo``.  The
+    result is scaled by ``info.positions / (n*ho*wo)``, i.e. by ``info.calls`` when every
+    call sees the first call's shape (exact), proportionally otherwise.
+    """
+    n, h, w = _input_nhw(info)
+    ho, wo = geom.out_hw(h, w)
+    macs = np.asarray(per_call(n, h, w, ho, wo), dtype=np.int64)
+    out = n * ho * wo
+    if out <= 0 or info.positions == out:
+        return macs
+    return (macs * int(info.positions) + out // 2) // out
+
+
+def dense_conv(geom: Conv2dGeometry, weight: torch.Tensor, bias: torch.Tensor | None,
+               like: torch.Tensor) -> nn.Conv2d:
+    """The ``nn.Conv2d`` of ``geom`` with ``weight`` and ``bias``, on ``like``'s device and dtype."""
+    out = nn.Conv2d(geom.in_channels, geom.out_channels, geom.kernel, stride=geom.stride, padding=geom.padding,
+                    dilation=geom.dilation, bias=geom.bias, padding_mode=geom.padding_mode,
+                    device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight.to(out.weight.dtype))
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
+def require_geometry(family: str, module: nn.Module) -> Conv2dGeometry:
+    """:func:`conv2d_geometry` of ``module``, or a TypeError naming ``family``."""
+    geom = conv2d_geometry(module)
+    if geom is None:
+        raise TypeError(f"{family} factorises nn.Conv2d layers with groups=1 and integer padding, "
+                        f"got {module!r}")
+    return geom
+
+
+# ---- maths ----------------------------------------------------------------------------------
+
+
+def spatial_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """The ``(c*kh) x (kw*f)`` matrix ``M[(c, i), (j, f)] = W[f, c, i, j]`` (float64)."""
+    f, c, kh, kw = weight.shape
+    return weight.detach().to(torch.float64).permute(1, 2, 3, 0).reshape(c * kh, kw * f)
+
+
+@torch.no_grad()
+def spatial_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``(U, s, V^T)`` of :func:`spatial_matrix` (float64), from which every rank is cut."""
+    m = spatial_matrix(weight)
+    with single_thread(min(m.shape)):
+        return torch.linalg.svd(m, full_matrices=False)
+
+
+@torch.no_grad()
+def spatial_svd_factors(weight: torch.Tensor, rank: int,
+                        svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` spatial SVD factors of a conv kernel ``weight`` (``f x c x kh x kw``).
+
+    Returns float64 ``vertical`` (``K x c x kh x 1``) and ``horizontal`` (``f x K x 1 x kw``),
+    the conv weights of :class:`SpatialSVDConv`.  ``svd``: the precomputed
+    :func:`spatial_svd` of ``weight``.
+    """
+    f, c, kh, kw = weight.shape
+    top = min(c * kh, kw * f)
+    if not 1 <= rank <= top:
+        raise ValueError(f"{NAME}: rank={rank} must be in [1, {top}] for a {c * kh}x{kw * f} kernel matrix")
+    u, s, vh = spatial_svd(weight) if svd is None else svd
+    root = s[:rank].sqrt()
+    vertical = (u[:, :rank] * root).reshape(c, kh, rank).permute(2, 0, 1).unsqueeze(-1)
+    horizontal = (root[:, None] * vh[:rank]).reshape(rank, kw, f).permute(2, 0, 1).unsqueeze(2)
+    return vertical.contiguous(), horizontal.contiguous()
+
+
+def spatial_svd_weight(vertical: torch.Tensor, horizontal: torch.Tensor) -> torch.Tensor:
+    """The kernel ``W_hat[f, c, i, j] = sum_k H[f, k, 0, j] V[k, c, i, 0]`` of the pair (in float64)."""
+    v, h = vertical.to(torch.float64)[..., 0], horizontal.to(torch.float64)[:, :, 0, :]
+    return torch.einsum("kci,fkj->fcij", v, h)
+
+
+def spatial_svd_cost(rank: np.ndarray | int, geom: Conv2dGeometry) -> np.ndarray | int:
+    """Weights ``K (c*kh + kw*f)`` of the factor pair (without the bias)."""
+    kh, kw = geom.kernel
+    return rank * (geom.in_channels * kh + kw * geom.out_channels)
+
+
+# ---- module ---------------------------------------------------------------------------------
+
+
+class SpatialSVDConv(Factorized, nn.Sequential):
+    """A vertical ``kh x 1`` conv ``c -> K`` then a horizontal ``1 x kw`` conv ``K -> f`` (spatial SVD)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int], rank: int,
+                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                 dilation: int | Sequence[int] = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (as_pair(v) for v in (kernel_size, stride, padding, dilation))
+        kw_ = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.add_module("vertical", nn.Conv2d(in_channels, rank, (kh, 1), stride=(sh, 1), padding=(ph, 0),
+                                              dilation=(dh, 1), bias=False, padding_mode=padding_mode, **kw_))
+        self.add_module("horizontal", nn.Conv2d(rank, out_channels, (1, kw), stride=(1, sw), padding=(0, pw),
+                                                dilation=(1, dw), bias=bias, padding_mode=padding_mode, **kw_))
+        self.rank = rank
+        self.geometry = Conv2dGeometry(in_channels, out_channels, (kh, kw), (sh, sw), (ph, pw), (dh, dw),
+                                       padding_mode, bias)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, rank: int,
+                   factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> "SpatialSVDConv":
+        """Factorise ``conv`` by the rank-``rank`` spatial SVD (``factors``: precomputed ``(V, H)``)."""
+        geom = require_geometry(NAME, conv)
+        w = conv.weight
+        new = cls(geom.in_channels, geom.out_channels, geom.kernel, rank, geom.stride, geom.padding,
+                  geom.dilation, geom.bias, geom.padding_mode, device=w.device, dtype=w.dtype)
+        v, h = factors if factors is not None else spatial_svd_factors(w, rank)
+        with torch.no_grad():
+            new.vertical.weight.copy_(v.to(w.dtype))
+            new.horizontal.weight.copy_(h.to(w.dtype))
+            if conv.bias is not None:
+                new.horizontal.bias.copy_(conv.bias)
+        return new
+
+    def to_dense(self) -> nn.Conv2d:
+        """The ``nn.Conv2d`` (original geometry) with weight ``W_hat`` and the bias."""
+        w = spatial_svd_weight(self.vertical.weight.detach(), self.horizontal.weight.detach())
+        return dense_conv(self.geometry, w, self.horizontal.bias, like=self.vertical.weight)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
+
+
+# ---- family ---------------------------------------------------------------------------------
+
+
+def _supports(module: nn.Module, info: LayerInfo) -> bool:
+    geom = conv2d_geometry(module)
+    return geom is not None and geom.kernel[0] > 1 and geom.kernel[1] > 1
+
+
+def _check_rank(geom: Conv2dGeometry, hyper: dict[str, Any]) -> int:
+    rank = check_hyper(NAME, hyper, ("rank",))["rank"]
+    kh, kw = geom.kernel
+    top = min(geom.in_channels * kh, kw * geom.out_channels)
+    if rank > top:
+        raise ValueError(f"{NAME}: hyperparameter rank={rank} exceeds the largest rank {top} "
+                         f"of the {geom.in_channels * kh}x{kw * geom.out_channels} kernel matrix")
+    return rank
+
+
+def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
+                moment: torch.Tensor | None = None) -> CandidateColumns:
+    geom = require_geometry(NAME, module)
+    family_options(config, NAME, {})  # no options: reject any given
+    f, c, (kh, kw) = geom.out_channels, geom.in_channels, geom.kernel
+    w = module.weight.detach()
+    ranks = rank_grid(min(c * kh, kw * f), config.grid_points)
+    svd = spatial_svd(w)
+    # the kernel of the realised layer: factors rounded to the layer's dtype, product in float64
+    approx = (spatial_svd_weight(*(t.to(w.dtype) for t in spatial_svd_factors(w, int(k), svd))).reshape(f, -1)
+              for k in ranks)
+    error = relative_errors(w.reshape(f, -1), approx, moment)
+    params = np.asarray(spatial_svd_cost(ranks, geom), dtype=np.int64) + (f if geom.bias else 0)
+    flops = call_flops(info, geom, lambda n, h, w_, ho, wo: ranks * (c * kh * n * ho * w_ + f * kw * n * ho * wo))
+    return CandidateColumns(hyper={"rank": ranks}, error=error, error_lower=error.copy(),
+                            params=params, flops=flops)
+
+
+def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None = None,
+          init: bool = True) -> SpatialSVDConv:
+    """The :class:`SpatialSVDConv` of ``module`` at ``hyper = {"rank": K}`` (``init=False``: structure only).
+
+    ``moment`` is accepted for the family interface; the factors are fitted to the weights.
+    """
+    geom = require_geometry(NAME, module)
+    rank = _check_rank(geom, hyper)
+    if init:
+        return SpatialSVDConv.from_dense(module, rank)
+    w = module.weight
+    return SpatialSVDConv(geom.in_channels, geom.out_channels, geom.kernel, rank, geom.stride, geom.padding,
+                          geom.dilation, geom.bias, geom.padding_mode, device=w.device, dtype=w.dtype)
+
+
+SPATIAL_SVD = register_family(
+    Family(
+        name=NAME,
+        supports=_supports,
+        candidates=_candidates,
+        realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
+        skeleton=lambda module, hyper: build(module, hyper, init=False),
+        description="spatial SVD: a kh x 1 conv then a 1 x kw conv (Jaderberg 2014, Tai 2016)",
+    )
+)

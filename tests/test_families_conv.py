@@ -1,0 +1,438 @@
+"""The convolution families: spatial SVD, Tucker-2 and CP (autorank.families.spatial / tucker / cp)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import autorank
+import autorank.families.cp  # noqa: F401  (registers "cp")
+import autorank.families.spatial  # noqa: F401  (registers "spatial_svd")
+import autorank.families.tucker  # noqa: F401  (registers "tucker2")
+from autorank.config import CurveConfig
+from autorank.errors import relative_data_error, relative_spectral_error
+from autorank.families import get_family
+from autorank.families.cp import cp_factors, cp_weight
+from autorank.families.tucker import hooi, hosvd, tucker2_core, tucker2_weight, vbmf_ranks
+
+FAMILIES = ["spatial_svd", "tucker2", "cp"]
+
+# small grids and short ALS runs keep every test well under a second
+OPTIONS = {"cp": {"max_rank": 12, "n_iter_max": 30}}
+
+# (id, conv factory, input shape)
+CASES = [
+    ("3x3", lambda: nn.Conv2d(6, 8, 3), (2, 6, 7, 7)),
+    ("3x5-stride-pad-dilation", lambda: nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+     (2, 4, 9, 11)),
+    ("circular", lambda: nn.Conv2d(5, 4, 3, padding=1, padding_mode="circular"), (1, 5, 6, 6)),
+    ("reflect-no-bias", lambda: nn.Conv2d(6, 5, 3, padding=(1, 1), padding_mode="reflect", bias=False),
+     (2, 6, 5, 6)),
+    ("stride2", lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1), (2, 8, 8, 8)),
+    ("same", lambda: nn.Conv2d(4, 6, 3, padding="same"), (1, 4, 5, 5)),
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: a second intra-op thread only adds barriers on a busy machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # pay the one-time imports (torch's flop counter, tensorly) before the timed tests
+    autorank.count_flops(nn.Conv2d(1, 1, 1), torch.ones(1, 1, 1, 1))
+    import tensorly.decomposition  # noqa: F401
+    yield
+    torch.set_num_threads(n)
+
+
+def setup(case, family):
+    _, make, shape = case
+    torch.manual_seed(0)
+    conv = make()
+    x = torch.randn(*shape)
+    info = autorank.analyze(nn.Sequential(conv), x).layers["0"]
+    cfg = CurveConfig(families=(family,), grid_points=6, options=OPTIONS)
+    return conv, x, info, cfg
+
+
+def hyper_of(cand, i):
+    return {k: int(v[i]) for k, v in cand.hyper.items()}
+
+
+def some_rows(cand, k=4):
+    return sorted(set(np.linspace(0, len(cand) - 1, k).round().astype(int).tolist()))
+
+
+def weight_matrix(conv):
+    return conv.weight.detach().reshape(conv.out_channels, -1)
+
+
+def random_moment(conv, samples=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n = conv.weight[0].numel()
+    scale = torch.linspace(0.2, 2.0, n, dtype=torch.float64)[:, None]  # unequal input channels
+    x = torch.randn(n, samples, generator=g, dtype=torch.float64) * scale
+    return x @ x.T
+
+
+def supported(case, family):
+    conv = case[1]()
+    return get_family(family).supports(conv, None)
+
+
+def full_rank_hyper(family, conv):
+    f, c, kh, kw = conv.weight.shape
+    if family == "spatial_svd":
+        return {"rank": min(c * kh, kw * f)}
+    return {"rank_in": c, "rank_out": f}
+
+
+# ---- exactness ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["spatial_svd", "tucker2"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_full_rank_is_exact(case, family):
+    conv, x, _, _ = setup(case, family)
+    new = get_family(family).realize(conv, full_rank_hyper(family, conv), None)
+    dense = new.to_dense()
+    assert dense.weight.shape == conv.weight.shape
+    assert torch.allclose(dense.weight, conv.weight, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(new(x), conv(x), atol=1e-5)
+        assert torch.allclose(dense(x), conv(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=[CASE_IDS[0], CASE_IDS[1], CASE_IDS[3]])
+def test_cp_recovers_a_kernel_of_cp_rank_r(case):
+    conv, x, _, _ = setup(case, "cp")
+    f, c, kh, kw = conv.weight.shape
+    r = 3
+    g = torch.Generator().manual_seed(3)
+    factors = [torch.randn(n, r, generator=g) for n in (f, c, kh, kw)]
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("fr,cr,yr,xr->fcyx", *factors))
+    new = get_family("cp").realize(conv, {"rank": r}, None)
+    dense = new.to_dense()
+    assert relative_spectral_error(weight_matrix(conv), weight_matrix(dense)) < 1e-5
+    with torch.no_grad():
+        assert torch.allclose(new(x), conv(x), atol=1e-4)
+
+
+# ---- candidates: measured error, costs, realisation -----------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["weight", "data"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_measured_error_equals_predicted(case, family, mode):
+    conv, x, info, cfg = setup(case, family)
+    moment = random_moment(conv) if mode == "data" else None
+    fam = get_family(family)
+    cand = fam.candidates(conv, info, cfg, moment)
+    assert len(cand) >= 3
+    assert np.array_equal(cand.error, cand.error_lower)
+    w = weight_matrix(conv)
+    for i in some_rows(cand):
+        approx = weight_matrix(fam.realize(conv, hyper_of(cand, i), moment).to_dense())
+        measured = (relative_spectral_error(w, approx) if moment is None
+                    else relative_data_error(w, approx, moment))
+        assert measured == pytest.approx(cand.error[i], abs=1e-6), hyper_of(cand, i)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_costs_and_forward_of_every_candidate(case, family):
+    conv, x, info, cfg = setup(case, family)
+    fam = get_family(family)
+    cand = fam.candidates(conv, info, cfg, None)
+    for i in range(len(cand)):
+        new = fam.realize(conv, hyper_of(cand, i), None)
+        assert isinstance(new, autorank.modules.Factorized)
+        assert cand.params[i] == sum(p.numel() for p in new.parameters()), hyper_of(cand, i)
+        assert cand.flops[i] == autorank.count_flops(nn.Sequential(new), x), hyper_of(cand, i)
+        dense = new.to_dense()
+        assert (dense.stride, dense.padding, dense.dilation, dense.padding_mode) == \
+            (conv.stride, tuple(conv.padding) if conv.padding != "same" else (1, 1), conv.dilation, conv.padding_mode)
+        assert (dense.bias is None) == (conv.bias is None)
+        with torch.no_grad():
+            out, ref = new(x), dense(x)
+        assert torch.allclose(out, ref, atol=1e-5 * (1 + ref.abs().max())), hyper_of(cand, i)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flops_count_every_call(family):
+    class Twice(nn.Module):
+        def __init__(self, conv):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return self.conv(x) + self.conv(x.flip(-1))
+
+    torch.manual_seed(0)
+    model = Twice(nn.Conv2d(4, 6, 3, stride=2, padding=1))
+    x = torch.randn(2, 4, 7, 9)
+    info = autorank.analyze(model, x).layers["conv"]
+    assert info.calls == 2
+    cfg = CurveConfig(families=(family,), grid_points=4, options=OPTIONS)
+    fam = get_family(family)
+    cand = fam.candidates(model.conv, info, cfg, None)
+    for i in range(len(cand)):
+        new = Twice(fam.realize(model.conv, hyper_of(cand, i), None))
+        assert cand.flops[i] == autorank.count_flops(new, x)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", CASES[:3], ids=CASE_IDS[:3])
+def test_skeleton_matches_realize(case, family):
+    conv, x, info, cfg = setup(case, family)
+    fam = get_family(family)
+    cand = fam.candidates(conv, info, cfg, None)
+    hyper = hyper_of(cand, len(cand) // 2)
+    real, skel = fam.realize(conv, hyper, None), fam.skeleton(conv, hyper)
+    assert type(skel) is type(real)
+    assert {k: v.shape for k, v in skel.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    skel.load_state_dict(real.state_dict())
+    with torch.no_grad():
+        assert torch.equal(skel(x), real(x))
+
+
+def test_spatial_errors_do_not_increase_with_rank():
+    conv, _, info, _ = setup(CASES[0], "spatial_svd")
+    cand = get_family("spatial_svd").candidates(conv, info, CurveConfig(families=("spatial_svd",)), None)
+    assert np.all(np.diff(cand.hyper["rank"]) > 0)
+    assert np.all(np.diff(cand.error) <= 1e-9)
+    assert cand.error[0] > 0.1 and cand.error[-1] < 1e-6
+
+
+@pytest.mark.parametrize("ranks", [(2, 3), (4, 2), (5, 7)])
+def test_hooi_is_no_worse_than_hosvd(ranks):
+    torch.manual_seed(0)
+    w = nn.Conv2d(6, 8, 3).weight.detach().double()
+    norm = w.norm()
+
+    def frob(u_in, u_out):
+        return float((w - tucker2_weight(u_in, tucker2_core(w, u_in, u_out), u_out)).norm() / norm)
+
+    u_in, u_out = hosvd(w, *ranks)
+    errs = [frob(u_in, u_out)] + [frob(*hooi(w, u_in, u_out, k)) for k in (1, 2, 5)]
+    assert all(b <= a + 1e-12 for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < errs[0]  # HOOI does move away from HOSVD on a random kernel
+
+
+def test_tucker2_hooi_option_reaches_the_layer():
+    conv, _, info, _ = setup(CASES[0], "tucker2")
+    fam = get_family("tucker2")
+    fit = {k: fam.candidates(conv, info, CurveConfig(families=("tucker2",), grid_points=4,
+                                                     options={"tucker2": {"hooi_iters": k}}), None) for k in (0, 3)}
+    assert set(fit[0].hyper["hooi_iters"]) == {0} and set(fit[3].hyper["hooi_iters"]) == {3}
+    assert not np.allclose(fit[0].error, fit[3].error)
+    i = 1
+    new = fam.realize(conv, hyper_of(fit[3], i), None).to_dense()
+    assert relative_spectral_error(weight_matrix(conv), weight_matrix(new)) == pytest.approx(fit[3].error[i], abs=1e-6)
+
+
+def test_tucker2_vbmf_ranks():
+    conv, _, info, _ = setup(CASES[4], "tucker2")
+    fam = get_family("tucker2")
+    pair = vbmf_ranks(conv.weight)
+    assert all(r >= 1 for r in pair)
+    only = fam.candidates(conv, info, CurveConfig(families=("tucker2",), options={"tucker2": {"ranks": "vbmf"}}),
+                          None)
+    assert len(only) == 1 and (only.hyper["rank_in"][0], only.hyper["rank_out"][0]) == pair
+    both = fam.candidates(conv, info, CurveConfig(families=("tucker2",), options={"tucker2": {"ranks": "grid+vbmf"}}),
+                          None)
+    grid = fam.candidates(conv, info, CurveConfig(families=("tucker2",)), None)
+    assert pair in set(zip(both.hyper["rank_in"].tolist(), both.hyper["rank_out"].tolist()))
+    assert len(grid) <= len(both) <= len(grid) + 1
+
+
+def test_tucker2_grid_keeps_balanced_pairs():
+    conv, _, info, _ = setup(CASES[0], "tucker2")
+    cand = get_family("tucker2").candidates(conv, info, CurveConfig(families=("tucker2",), grid_points=5), None)
+    ratio = (cand.hyper["rank_in"] / 6) / (cand.hyper["rank_out"] / 8)
+    assert np.all((ratio >= 0.5) & (ratio <= 2)) and len(cand) >= 5
+    assert (6, 8) in set(zip(cand.hyper["rank_in"].tolist(), cand.hyper["rank_out"].tolist()))
+
+
+def test_cp_is_deterministic_and_leaves_tensorly_backend_alone():
+    import tensorly as tl
+
+    conv, _, info, cfg = setup(CASES[0], "cp")
+    fam = get_family("cp")
+    before = tl.get_backend()
+    a = fam.candidates(conv, info, cfg, None)
+    b = fam.candidates(conv, info, cfg, None)
+    assert tl.get_backend() == before
+    assert np.array_equal(a.error, b.error) and np.array_equal(a.hyper["iters"], b.hyper["iters"])
+    hyper = hyper_of(a, len(a) - 1)
+    s1, s2 = fam.realize(conv, hyper, None).state_dict(), fam.realize(conv, hyper, None).state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_cp_under_another_global_tensorly_backend():
+    import tensorly as tl
+
+    w = nn.Conv2d(4, 5, 3).weight
+    ref = cp_factors(w, 3, n_iter_max=10)
+    old = tl.get_backend()
+    tl.set_backend("pytorch")
+    try:
+        fac = cp_factors(w, 3, n_iter_max=10)
+        assert tl.get_backend() == "pytorch"
+    finally:
+        tl.set_backend(old)
+    assert torch.equal(cp_weight(fac.out, fac.inp, fac.vertical, fac.horizontal),
+                       cp_weight(ref.out, ref.inp, ref.vertical, ref.horizontal))
+
+
+def test_cp_skips_a_failed_fit(monkeypatch):
+    import autorank.families.cp as cp
+
+    real = cp.cp_factors
+
+    def flaky(weight, rank, *args, **kwargs):
+        if rank == 2:
+            raise FloatingPointError("not finite")
+        return real(weight, rank, *args, **kwargs)
+
+    monkeypatch.setattr(cp, "cp_factors", flaky)
+    conv, _, info, cfg = setup(CASES[0], "cp")
+    cand = get_family("cp").candidates(conv, info, cfg, None)
+    assert 2 not in cand.hyper["rank"].tolist() and 1 in cand.hyper["rank"].tolist()
+    assert len(cand.params) == len(cand.flops) == len(cand.hyper["iters"]) == len(cand)
+
+
+# ---- which layers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer,expected", [
+    (nn.Conv2d(4, 4, 3), {"spatial_svd": True, "tucker2": True, "cp": True}),
+    (nn.Conv2d(4, 4, (1, 3)), {"spatial_svd": False, "tucker2": True, "cp": True}),
+    (nn.Conv2d(4, 4, 1), {"spatial_svd": False, "tucker2": False, "cp": False}),
+    (nn.Conv2d(4, 4, 3, groups=4), {"spatial_svd": False, "tucker2": False, "cp": False}),
+    (nn.Conv2d(4, 4, 2, padding="same"), {"spatial_svd": False, "tucker2": False, "cp": False}),
+    (nn.Conv1d(4, 4, 3), {"spatial_svd": False, "tucker2": False, "cp": False}),
+    (nn.Linear(4, 4), {"spatial_svd": False, "tucker2": False, "cp": False}),
+], ids=["3x3", "1x3", "1x1", "depthwise", "same-even", "conv1d", "linear"])
+def test_supports(layer, expected):
+    assert {f: get_family(f).supports(layer, None) for f in FAMILIES} == expected
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+BAD_HYPER = [
+    ("spatial_svd", {}, ValueError, "rank"),
+    ("spatial_svd", {"rank": 0}, ValueError, "rank"),
+    ("spatial_svd", {"rank": 2.0}, TypeError, "rank"),
+    ("spatial_svd", {"rank": "3"}, TypeError, "rank"),
+    ("spatial_svd", {"rank": 19}, ValueError, "rank"),  # min(6*3, 3*8) = 18
+    ("tucker2", {"rank_in": 2}, ValueError, "rank_out"),
+    ("tucker2", {"rank_in": 0, "rank_out": 2}, ValueError, "rank_in"),
+    ("tucker2", {"rank_in": 2, "rank_out": 9}, ValueError, "rank_out"),
+    ("tucker2", {"rank_in": 7, "rank_out": 2}, ValueError, "rank_in"),
+    ("tucker2", {"rank_in": 2, "rank_out": 2, "hooi_iters": -1}, ValueError, "hooi_iters"),
+    ("tucker2", {"rank_in": 2, "rank_out": 2, "hooi_iters": 1.5}, TypeError, "hooi_iters"),
+    ("cp", {"iters": 3}, ValueError, "rank"),
+    ("cp", {"rank": 0}, ValueError, "rank"),
+    ("cp", {"rank": True}, TypeError, "rank"),
+    ("cp", {"rank": 55}, ValueError, "rank"),  # a CP rank of an 8x6x3x3 tensor is at most 6*3*3 = 54
+    ("cp", {"rank": 2, "iters": 0}, ValueError, "iters"),
+]
+
+
+@pytest.mark.parametrize("family,hyper,exc,name", BAD_HYPER,
+                         ids=[f"{f}-{sorted(h.items())}" for f, h, _, _ in BAD_HYPER])
+@pytest.mark.parametrize("builder", ["realize", "skeleton"])
+def test_bad_hyperparameters(family, hyper, exc, name, builder):
+    conv = nn.Conv2d(6, 8, 3)
+    fam = get_family(family)
+    build = fam.realize if builder == "realize" else (lambda m, h, _: fam.skeleton(m, h))
+    with pytest.raises(exc, match=name):
+        build(conv, hyper, None)
+
+
+def test_not_a_conv_is_rejected():
+    for family in FAMILIES:
+        with pytest.raises(TypeError, match=family):
+            get_family(family).realize(nn.Linear(4, 4), {"rank": 1, "rank_in": 1, "rank_out": 1}, None)
+
+
+BAD_OPTIONS = [
+    ("tucker2", {"hooi_iters": -1}, ValueError, "hooi_iters"),
+    ("tucker2", {"hooi_iters": "2"}, TypeError, "hooi_iters"),
+    ("tucker2", {"ranks": "best"}, ValueError, "ranks"),
+    ("tucker2", {"rank": 3}, ValueError, "rank"),
+    ("cp", {"max_rank": 0}, ValueError, "max_rank"),
+    ("cp", {"n_iter_max": 0}, ValueError, "n_iter_max"),
+    ("cp", {"tol": -1.0}, ValueError, "tol"),
+    ("cp", {"tol": "small"}, TypeError, "tol"),
+    ("cp", {"seed": 1}, ValueError, "seed"),  # unknown option
+    ("spatial_svd", {"rank": 3}, ValueError, "rank"),
+]
+
+
+@pytest.mark.parametrize("family,opts,exc,name", BAD_OPTIONS,
+                         ids=[f"{f}-{sorted(o.items())}" for f, o, _, _ in BAD_OPTIONS])
+def test_bad_options(family, opts, exc, name):
+    conv, _, info, _ = setup(CASES[0], family)
+    cfg = CurveConfig(families=(family,), options={family: opts})
+    with pytest.raises(exc, match=name):
+        get_family(family).candidates(conv, info, cfg, None)
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 3, padding=1)
+        self.b = nn.Conv2d(12, 16, 3, stride=2, padding=1)
+        self.c = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        h = F.relu(self.b(h))
+        h = F.relu(self.c(h))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("families", [["spatial_svd"], ["tucker2"], ["cp"], ["alds", "spatial_svd"],
+                                      ["alds", "tucker2"], ["alds", "cp"]],
+                         ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("calibrated", [False, True], ids=["weights", "calibrated"])
+def test_optimize_meets_the_budget(families, calibrated):
+    torch.manual_seed(0)
+    model, x = TinyCNN().eval(), torch.randn(2, 3, 8, 8)
+    before = autorank.count_params(model)
+    curves = CurveConfig(grid_points=8, options=OPTIONS)
+    calibration = [torch.randn(4, 3, 8, 8)] if calibrated else None
+    result = autorank.optimize(model, budget=0.5, example_inputs=x, families=families, curves=curves,
+                               calibration=calibration)
+    assert result.plan.totals["params"] <= 0.5 * before
+    assert autorank.count_params(result.model) == result.plan.totals["params"]
+    used = {lp.family for lp in result.plan.layers.values() if lp.compressed}
+    assert used <= set(families)
+    if len(families) == 1:
+        assert used == set(families)
+    with torch.no_grad():
+        assert result.model(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_round_trip(family, tmp_path):
+    torch.manual_seed(0)
+    model, x = TinyCNN().eval(), torch.randn(2, 3, 8, 8)
+    curves = CurveConfig(grid_points=6, options=OPTIONS)
+    result = autorank.optimize(model, budget=0.6, example_inputs=x, families=[family], curves=curves)
+    autorank.save(result.model, result.plan, tmp_path / "saved")
+    loaded = autorank.load(tmp_path / "saved", TinyCNN())
+    assert {type(m) for m in loaded.modules()} == {type(m) for m in result.model.modules()}
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))
