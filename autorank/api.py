@@ -470,6 +470,12 @@ def _finish(work: nn.Module, budget: float, cfg: CompressStep, prep: Prepared, p
                      config={"allocator": cfg.allocator_name, "curves": cfg.curves.to_dict(),
                              "solver": cfg.solver.to_dict(), "exclude": list(cfg.exclude),
                              "data_aware": prep.moments is not None, "embeddings": cfg.embeddings})
+    from .families import get_family
+
+    late = sorted({lp.family for lp in plan.layers.values() if lp.compressed and get_family(lp.family).needs_finetune})
+    if late:
+        log.warning("family %s is initialised to match plain SVD and only pays off after fine-tuning; "
+                    "pass finetune=... (or fine-tune the result)", ", ".join(late))
     t = time.perf_counter()
     realize(work, plan, inplace=True, moments=prep.moments)
     timings["realize"] = time.perf_counter() - t

@@ -743,15 +743,17 @@ def alds_output_allocation(
     *,
     probes: Sequence[float] = (0.25, 0.5),
     cache_path: str | os.PathLike | None = None,
+    power: float = 2.0,
 ) -> dict[str, int]:
-    r"""ALDS on output-weighted errors: the exact global step over ``(g_l eps_l)^2``.
+    r"""ALDS on output-weighted errors: the exact global step over ``(g_l eps_l)^power``.
 
     Each layer's error curve (every candidate of every enabled family, weight-only or
     data-aware) is scaled by its measured output gain ``g_l`` (:func:`output_gains`), so
     ``g_l eps_l`` predicts the error the layer causes at the model's output (to first
     order).  Errors from different layers add roughly in quadrature, so the solver
     minimises ``sum_l log(1 + (g_l eps_l)^2) ~= sum_l (g_l eps_l)^2`` (the sum objective)
-    under the budget.  It costs two evaluations per layer (``probes``) on top of ALDS.
+    under the budget (``power=2``; ``power=1`` assumes the errors add coherently).  It
+    costs one evaluation per layer and probe on top of ALDS.
     """
     from dataclasses import replace
 
@@ -759,8 +761,10 @@ def alds_output_allocation(
     from .config import SolverConfig
 
     probes = _check_ratios(probes)
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0.25 <= float(power) <= 8:
+        raise ValueError(f"alds_output: power must be a number in [0.25, 8], got {power!r}")
     gains = output_gains(ctx, probes, cache_path)
-    scaled = {n: replace(lc, error=(gains[n] * lc.error) ** 2) for n, lc in ctx.curves.items()}
+    scaled = {n: replace(lc, error=(gains[n] * lc.error) ** float(power)) for n, lc in ctx.curves.items()}
     solver = SolverConfig(objective="sum", method=ctx.solver.method if ctx.solver.objective == "sum" else "auto",
                           dp_bins=ctx.solver.dp_bins)
     log.info("alds_output: gains %s", {n: round(g, 3) for n, g in gains.items()})

@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     o.add_argument("--budget", type=_budget, required=True, help="fraction in (0, 1] of the model that may remain")
     o.add_argument("--metric", choices=("params", "flops"), default="params", help="what the budget counts")
-    o.add_argument("--allocator", default="alds", help="rank-selection rule (alds or uniform)")
+    o.add_argument("--allocator", default="alds",
+                   help="rank-selection rule: alds (default), alds_output, uniform, svd_energy, lrank, vbmf, "
+                   "sensitivity (pca needs calibration data, which the CLI does not take)")
+    o.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
+                   help="decomposition families competing per layer (default: alds); e.g. alds tucker2 cp")
     o.add_argument("--checkpoint", help="weights for MODEL (safetensors or a torch.save'd state_dict)")
     o.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,32,32")
     o.add_argument("--out", required=True, help="output directory")
@@ -89,7 +93,7 @@ def _optimize(args) -> None:
 
     spec = load_model(args.model, args.checkpoint, args.input_shape)
     result = autorank.optimize(spec.model, args.budget, spec.example_inputs, metric=args.metric,
-                               allocator=args.allocator, progress=False)
+                               allocator=args.allocator, families=args.families, progress=False)
     out = result.save(args.out)
     print(result.summary())
     print(f"\nwrote {out / 'plan.json'} and {out / 'model.safetensors'}")

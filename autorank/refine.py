@@ -32,7 +32,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
