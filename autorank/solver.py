@@ -206,6 +206,14 @@ def solve_sum_dp(
     optimal for the rounded costs and within one bin per layer of the optimum.
     """
     _check_feasible(errors, costs, budget)
+    choice = _dp_choice(errors, costs, budget, g, bins, slack=1e-9)
+    if sum(float(np.asarray(c)[i]) for c, i in zip(costs, choice)) > budget:
+        # the slack that absorbs float noise in cost/unit let a bin round down: redo it strictly
+        choice = _dp_choice(errors, costs, budget, g, bins, slack=0.0)
+    return choice
+
+
+def _dp_choice(errors: Arrays, costs: Arrays, budget: float, g, bins: int, slack: float) -> list[int]:
     unit = budget / bins if budget > 0 else 1.0
     inf = np.inf
     dp = np.full(bins + 1, inf)
@@ -214,7 +222,7 @@ def solve_sum_dp(
     for e, c in zip(errors, costs):
         obj = g(np.asarray(e, np.float64))
         front = _pareto(obj, np.asarray(c, np.float64))
-        w = np.ceil(np.asarray(c, np.float64)[front] / unit - 1e-9).astype(np.int64)
+        w = np.ceil(np.asarray(c, np.float64)[front] / unit - slack).astype(np.int64)
         new = np.full(bins + 1, inf)
         arg = np.full(bins + 1, -1, np.int64)
         for idx, wi in zip(front, w):
