@@ -202,7 +202,11 @@ def collect_moments(
             handles.append(modules[name].register_forward_pre_hook(hook(name, info.kind)))
         for batch in progress_bar(batches, "calibration", progress):
             state["mask"] = batch.get(mask_key) if isinstance(batch, Mapping) else None
-            run_model(model, batch)
+            try:
+                run_model(model, batch)
+            except Exception as exc:  # a bad batch: say which one, plainly
+                raise RuntimeError(f"the forward pass of {type(model).__name__} on calibration batch {n_batches} "
+                                   f"failed: {type(exc).__name__}: {exc}") from exc
             n_batches += 1
     finally:
         for h in handles:

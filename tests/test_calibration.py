@@ -207,6 +207,8 @@ def test_calibration_errors():
         autorank.optimize(model, 0.5, x, calibration=[])
     with pytest.raises(TypeError, match="iterable of input batches"):
         autorank.optimize(model, 0.5, x, calibration=3)
+    with pytest.raises(RuntimeError, match="calibration batch 1 failed"):
+        autorank.optimize(model, 0.5, x, calibration=[x, torch.randn(2, 5)])
 
 
 def test_diagonal_moment_of_an_embedding_matches_the_dense_form():
