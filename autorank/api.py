@@ -255,6 +255,7 @@ def optimize(
     families: Sequence[str] | None = None,
     calibration: Iterable[Any] | None = None,
     embeddings: bool = False,
+    sequential: bool = False,
     refine: Any = None,
     finetune: Any = None,
     steps: int = 1,
@@ -289,6 +290,10 @@ def optimize(
             on these inputs and SVD factors are whitened (:mod:`autorank.calibration`).
             Dict batches may carry an ``attention_mask``; padded tokens are left out.
         embeddings: also factorise ``nn.Embedding`` tables (not tied ones).
+        sequential: with ``calibration``, refit the factorised layers in execution order to the
+            original layers' outputs given the compressed model's own inputs, with re-centred
+            biases (:mod:`autorank.sequential`).  The ranks stay those of the plan; the refit costs
+            two partial forward passes over the calibration data per stage of independent layers.
         refine: an :class:`autorank.Refine` to tune solver knobs with Optuna against a
             metric on held-out data (single-step runs; see :mod:`autorank.refine`).
         finetune: ``None`` (compress only), an :class:`autorank.Finetune`, or any
@@ -351,8 +356,12 @@ def optimize(
             calibration = calibration if hasattr(calibration, "__len__") else list(calibration)
         except TypeError:
             raise TypeError(f"calibration must be an iterable of input batches, got {type(calibration).__name__}") from None
+    if not isinstance(sequential, bool):
+        raise TypeError(f"sequential must be a bool, got {sequential!r}")
+    if sequential and calibration is None:
+        raise ValueError("sequential=True refits layers to calibration data: pass calibration=...")
     step = CompressStep(example_inputs, metric, exclude, curve_cfg, solver_cfg, progress, allocator,
-                        calibration=calibration, embeddings=embeddings, evaluate=evaluate)
+                        calibration=calibration, embeddings=embeddings, evaluate=evaluate, sequential=sequential)
     if refine is not None:
         from .refine import Refine, run_refine
 
@@ -393,6 +402,7 @@ class CompressStep:
     calibration: Any = None
     embeddings: bool = False
     evaluate: Callable[[nn.Module], float] | None = None
+    sequential: bool = False
 
     @property
     def allocator_name(self) -> str:
@@ -469,7 +479,8 @@ def _finish(work: nn.Module, budget: float, cfg: CompressStep, prep: Prepared, p
     plan = make_plan(prep.curves, picked, metric, budget, cfg.solver.objective, prep.skipped,
                      config={"allocator": cfg.allocator_name, "curves": cfg.curves.to_dict(),
                              "solver": cfg.solver.to_dict(), "exclude": list(cfg.exclude),
-                             "data_aware": prep.moments is not None, "embeddings": cfg.embeddings})
+                             "data_aware": prep.moments is not None, "embeddings": cfg.embeddings,
+                             "sequential": bool(cfg.sequential and prep.moments is not None)})
     from .families import get_family
 
     late = sorted({lp.family for lp in plan.layers.values() if lp.compressed and get_family(lp.family).needs_finetune})
@@ -477,8 +488,19 @@ def _finish(work: nn.Module, budget: float, cfg: CompressStep, prep: Prepared, p
         log.warning("family %s is initialised to match plain SVD and only pays off after fine-tuning; "
                     "pass finetune=... (or fine-tune the result)", ", ".join(late))
     t = time.perf_counter()
+    reference = copy.deepcopy(work) if cfg.sequential and prep.moments is not None else None
     realize(work, plan, inplace=True, moments=prep.moments)
     timings["realize"] = time.perf_counter() - t
+    if reference is not None:
+        from .sequential import sequential_refit
+
+        t = time.perf_counter()
+        done = sequential_refit(reference, work, plan, cfg.calibration, graph=prep.graph.graph,
+                                kinds={n: info.kind for n, info in prep.graph.layers.items()},
+                                progress=cfg.progress)
+        del reference
+        timings["refit"] = time.perf_counter() - t
+        log.info("sequential refit of %d layers: %.2fs", len(done), timings["refit"])
 
     t = time.perf_counter()
     measured = measure_totals(prep.graph, work, cfg.example_inputs)

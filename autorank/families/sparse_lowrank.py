@@ -424,6 +424,10 @@ class SparseLowRankLinear(Factorized, nn.Module):
             w = w.index_add(1, self.index, self.sparse.weight)
         return w
 
+    def output_bias(self) -> torch.Tensor | None:
+        """The bias added to the output (None without one)."""
+        return self.bias
+
     def to_dense(self) -> nn.Linear:
         """The exactly equivalent ``nn.Linear``."""
         w = self.weight_matrix()
@@ -527,5 +531,6 @@ SPARSE_LOWRANK = register_family(
         realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
         skeleton=lambda module, hyper: build(module, hyper, init=False),
         description="column-sparse + low-rank (Yu et al. 2017), ADMM support selection and exact refit",
+        fits_data=True,
     )
 )

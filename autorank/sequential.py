@@ -1,0 +1,299 @@
+r"""Sequential refit: fit every factorised layer to the original layer's outputs, given the
+compressed model's *own* inputs, in execution order.
+
+The data-aware curves and factors (:mod:`autorank.calibration`) fit each layer
+``W`` to the original model's inputs ``X``.  Once the earlier layers are
+compressed, a layer sees different inputs ``X_hat``, and its error compounds the
+errors upstream.  The sequential refit corrects for that, layer by layer in the
+order the forward pass reaches them (the idea of GPTQ's and SVD-LLM's sequential
+updates, applied to the plan's factorisations).
+
+**One layer.**  With ``y = W x + b`` the original layer on the original input and
+``y_hat = W_hat x_hat + b_hat`` the factorised one on the compressed model's input,
+the refit minimises, over the calibration rows,
+
+    E || W x + b - W_hat x_hat - b_hat ||^2      (W_hat of the plan's rank / groups).
+
+With the means ``mu = E x``, ``mu_hat = E x_hat`` and the (cross-)covariances
+
+    C = E[x_hat x_hat^T] - mu_hat mu_hat^T,     X = E[x x_hat^T] - mu mu_hat^T,
+
+the free bias is ``b_hat = b + W mu - W_hat mu_hat``, and what remains is
+``E || W (x - mu) - W_hat (x_hat - mu_hat) ||^2``.  Its unconstrained minimiser is
+the least-squares (ridge-damped) map
+
+    W_eff = W X (C + delta I)^{-1},
+
+and since the residual of a least-squares fit is orthogonal to every ``Z x_hat``,
+
+    E || W (x - mu) - W_hat (x_hat - mu_hat) ||^2 = const + tr((W_eff - W_hat) C (W_eff - W_hat)^T).
+
+So the best ``W_hat`` of the plan's structure is the family's data-aware
+realisation of ``W_eff`` under the moment ``C`` -- the whitened truncation of
+:mod:`autorank.calibration`, exact for ``k = 1``; for ALDS with ``k > 1`` each input
+group is whitened by its own block of ``C``, as in the curves, which is a good fit
+but not the joint minimiser -- followed by the bias above.  A layer without a bias keeps ``b_hat = b = 0``; its fit uses the
+uncentred moments (``mu = mu_hat = 0``).  When nothing upstream is compressed,
+``x_hat = x`` and ``W_eff = W`` (up to the damping): the refit is then the plain
+whitened fit with a re-centred bias.
+
+**Cost.**  Layers whose inputs do not depend on each other (e.g. the query, key and
+value projections of an attention block) are refitted together, in one *stage*;
+the stages follow the data-flow graph of :func:`autorank.analyze`.  Every stage
+streams the calibration batches through the original and the compressed model, up
+to the stage's layers only (the forward passes stop there when every layer of the
+stage is called once per forward).  Memory is ``O(n^2)`` per layer of the stage,
+plus a second copy of the original model.
+
+Only layers whose family fits the data (``Family.fits_data``: ALDS and
+sparse + low-rank) are refitted; the others keep their weight-only factors.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ._util import progress_bar
+from .calibration import layer_rows
+from .families import get_family
+from .layers import get_layer_handler, set_weight_matrix
+from .modules import Factorized
+from .plan import Plan
+from .realize import replace_module
+
+__all__ = ["refit_layer", "sequential_refit", "refit_stages", "CrossMoments"]
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once every layer of the stage has run."""
+
+
+class CrossMoments:
+    """Streamed moments of paired rows ``(x, x_hat)``: ``E[x_hat x_hat^T]``, ``E[x x_hat^T]``, the means."""
+
+    def __init__(self, n: int) -> None:
+        z = dict(dtype=torch.float64)
+        self.hh = torch.zeros(n, n, **z)
+        self.xh = torch.zeros(n, n, **z)
+        self.x = torch.zeros(n, **z)
+        self.h = torch.zeros(n, **z)
+        self.count = 0
+
+    def update(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        if x.shape != h.shape:
+            raise RuntimeError(f"the original and the compressed layer see inputs of different shapes: "
+                               f"{tuple(x.shape)} vs {tuple(h.shape)}")
+        x, h = x.detach().to(torch.float64), h.detach().to(torch.float64)
+        self.hh.addmm_(h.T, h)
+        self.xh.addmm_(x.T, h)
+        self.x += x.sum(0)
+        self.h += h.sum(0)
+        self.count += x.shape[0]
+
+    def centred(self, bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(C, X, mu, mu_hat)``: covariances about the means when ``bias``, else raw moments and zero means."""
+        n = max(self.count, 1)
+        mu, mu_hat = self.x / n, self.h / n
+        c, x = self.hh / n, self.xh / n
+        if not bias:
+            return c, x, torch.zeros_like(mu), torch.zeros_like(mu_hat)
+        return c - torch.outer(mu_hat, mu_hat), x - torch.outer(mu, mu_hat), mu, mu_hat
+
+
+def effective_weight(weight: torch.Tensor, cross: torch.Tensor, cov: torch.Tensor,
+                     damping: float = 1e-6) -> torch.Tensor:
+    """``W_eff = W X (C + delta * mean(diag C) * I)^{-1}``, the least-squares map from ``x_hat`` to ``W x``."""
+    w = weight.detach().to(torch.float64)
+    n = cov.shape[0]
+    scale = float(cov.diagonal().mean()) or 1.0
+    reg = cov + damping * scale * torch.eye(n, dtype=torch.float64)
+    # W_eff (C + dI) = W X  <=>  (C + dI) W_eff^T = X^T W^T   (C symmetric)
+    return torch.linalg.solve(reg, cross.T @ w.T).T
+
+
+def _output_bias(module: nn.Module) -> torch.Tensor | None:
+    fn = getattr(module, "output_bias", None)
+    return fn() if callable(fn) else None
+
+
+@torch.no_grad()
+def refit_layer(original: nn.Module, built: nn.Module, family: str, hyper: Mapping[str, Any],
+                moments: CrossMoments, damping: float = 1e-6) -> nn.Module:
+    """The layer of ``family`` / ``hyper`` fitted to ``original``'s outputs on the paired inputs of ``moments``.
+
+    ``built`` is the current factorised module; it tells whether the bias can move
+    (``output_bias()``).  Returns a new module; ``original`` is not modified.
+    """
+    handler = get_layer_handler(original)
+    w = handler.weight_matrix(original).detach().to(torch.float64)
+    bias = getattr(original, "bias", None)
+    movable = bias is not None and _output_bias(built) is not None
+    cov, cross, mu, mu_hat = moments.centred(movable)
+    w_eff = effective_weight(w, cross, cov, damping)
+    target = copy.deepcopy(original)
+    set_weight_matrix(target, w_eff)
+    new = get_family(family).realize(target, dict(hyper), cov)
+    if movable:
+        dense = new.to_dense()
+        w_hat = get_layer_handler(dense).weight_matrix(dense).detach().to(torch.float64)
+        b_hat = bias.detach().to(torch.float64) + w @ mu - w_hat @ mu_hat
+        out_bias = _output_bias(new)
+        out_bias.copy_(b_hat.to(out_bias.dtype))
+    return new
+
+
+def refit_stages(graph: Any, order: Sequence[str]) -> list[list[str]]:
+    """Split ``order`` (layers in execution order) into runs in which no layer feeds another.
+
+    ``graph`` is the data-flow ``networkx.DiGraph`` of :func:`autorank.analyze` (or None:
+    one layer per stage).
+    """
+    import networkx as nx
+
+    stages: list[list[str]] = []
+    current: list[str] = []
+    anc_cache: dict[str, set[str]] = {}
+    for name in order:
+        if graph is not None and name in graph:
+            anc = anc_cache.setdefault(name, nx.ancestors(graph, name))
+            independent = not any(prev in anc for prev in current)
+        else:
+            independent = not current
+        if current and not independent:
+            stages.append(current)
+            current = []
+        current.append(name)
+    if current:
+        stages.append(current)
+    return stages
+
+
+def _call_order(model: nn.Module, names: Iterable[str], batch: Any) -> tuple[list[str], dict[str, int]]:
+    """The order in which the forward pass first calls the layers ``names``, and their call counts."""
+    from .graph import run_model
+
+    order: list[str] = []
+    calls: dict[str, int] = {}
+    handles = []
+    for name in names:
+        def hook(mod, args, name=name):
+            if name not in calls:
+                order.append(name)
+            calls[name] = calls.get(name, 0) + 1
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, calls
+
+
+def _stage_rows(model: nn.Module, stage: Sequence[str], kinds: Mapping[str, str], batch: Any,
+                mask_key: str, stop: bool, geometry: Mapping[str, nn.Module]) -> dict[str, list[torch.Tensor]]:
+    """Run ``model`` on ``batch`` and return the input rows of the stage's layers (every call).
+
+    ``geometry[name]`` is the original dense layer, whose kernel, stride and padding
+    give the im2col rows of a convolution (the factorised module has none of its own).
+    """
+    from .graph import run_model
+
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in stage}
+    mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
+    handles = []
+
+    def make(name: str):
+        def hook(mod, args):
+            rows[name].append(layer_rows(geometry[name], args[0], kinds[name], mask))
+            if stop and all(rows[n] for n in stage):
+                raise _Stop
+        return hook
+
+    for name in stage:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(make(name)))
+    try:
+        run_model(model, batch)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+@torch.no_grad()
+def sequential_refit(
+    reference: nn.Module,
+    model: nn.Module,
+    plan: Plan,
+    batches: Iterable[Any],
+    graph: Any = None,
+    kinds: Mapping[str, str] | None = None,
+    damping: float = 1e-6,
+    progress: bool | None = None,
+    mask_key: str = "attention_mask",
+) -> list[str]:
+    """Refit the factorised layers of ``model`` (in place) stage by stage; returns the refitted names.
+
+    Args:
+        reference: the original dense model (not modified).
+        model: the realised model of ``plan`` (its factorised layers are replaced).
+        plan: the plan ``model`` realises.
+        batches: the calibration batches (a re-iterable sequence).
+        graph: the data-flow graph of :func:`autorank.analyze`, to refit independent layers together.
+        kinds: ``{layer: kind}`` (``"linear"``, ``"conv2d"``, ...); read from the handlers if omitted.
+        damping: relative ridge ``delta`` of ``(C + delta * mean(diag C) I)^{-1}``.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("sequential refit needs at least one calibration batch")
+    wanted = [n for n, lp in plan.layers.items()
+              if lp.compressed and get_family(lp.family).fits_data
+              and get_layer_handler(reference.get_submodule(n)) is not None
+              and get_layer_handler(reference.get_submodule(n)).kind != "embedding"]
+    if not wanted:
+        return []
+    kinds = dict(kinds or {})
+    for n in wanted:
+        kinds.setdefault(n, get_layer_handler(reference.get_submodule(n)).kind)
+    was = {m: m.training for m in (*reference.modules(), *model.modules())}
+    reference.eval()
+    model.eval()
+    done: list[str] = []
+    try:
+        order, calls = _call_order(reference, wanted, batches[0])
+        stages = refit_stages(graph, order)
+        log.info("sequential refit: %d layers in %d stages", len(order), len(stages))
+        for stage in progress_bar(stages, "refit", progress):
+            stop = all(calls.get(n) == 1 for n in stage)
+            acc: dict[str, CrossMoments] = {}
+            dense = {n: reference.get_submodule(n) for n in stage}
+            for batch in batches:
+                ref_rows = _stage_rows(reference, stage, kinds, batch, mask_key, stop, dense)
+                new_rows = _stage_rows(model, stage, kinds, batch, mask_key, stop, dense)
+                for n in stage:
+                    for x, h in zip(ref_rows[n], new_rows[n]):
+                        acc.setdefault(n, CrossMoments(x.shape[1])).update(x, h)
+            for n in stage:
+                if n not in acc:
+                    continue
+                lp = plan.layers[n]
+                built = model.get_submodule(n)
+                new = refit_layer(reference.get_submodule(n), built, lp.family, lp.hyper, acc[n], damping)
+                was[new] = was.get(built, False)
+                if not isinstance(new, Factorized):  # pragma: no cover - realize() checks the same
+                    raise TypeError(f"family {lp.family!r} built a {type(new).__name__} for {n!r}")
+                replace_module(model, n, new)
+                done.append(n)
+    finally:
+        for m, mode in was.items():
+            m.training = mode
+    return done
