@@ -255,15 +255,17 @@ def sequential_refit(
     batches = list(batches)
     if not batches:
         raise ValueError("sequential refit needs at least one calibration batch")
-    wanted = [n for n, lp in plan.layers.items()
-              if lp.compressed and get_family(lp.family).fits_data
-              and get_layer_handler(reference.get_submodule(n)) is not None
-              and get_layer_handler(reference.get_submodule(n)).kind != "embedding"]
+    kinds = dict(kinds or {})
+    wanted = []
+    for n, lp in plan.layers.items():
+        if not (lp.compressed and get_family(lp.family).fits_data):
+            continue
+        handler = get_layer_handler(reference.get_submodule(n))
+        if handler is not None and handler.kind != "embedding":  # token-id inputs: nothing upstream to correct
+            kinds.setdefault(n, handler.kind)
+            wanted.append(n)
     if not wanted:
         return []
-    kinds = dict(kinds or {})
-    for n in wanted:
-        kinds.setdefault(n, get_layer_handler(reference.get_submodule(n)).kind)
     was = {m: m.training for m in (*reference.modules(), *model.modules())}
     reference.eval()
     model.eval()

@@ -234,7 +234,7 @@ def docstring_paragraphs(packages: Sequence[str], min_words: int = 8, max_words:
             if id(obj) in seen:
                 continue
             seen.add(id(obj))
-            doc = getattr(obj, "__doc__", None) if not isinstance(obj, property) else obj.__doc__
+            doc = getattr(obj, "__doc__", None)
             if isinstance(doc, str):
                 for para in prose_paragraphs(doc, min_words, max_words):
                     if para not in seen_text:

@@ -67,7 +67,8 @@ from ..errors import check_hyper, rank_grid, relative_errors
 from ..graph import LayerInfo
 from ..modules import Factorized
 from . import Family, family_options, register_family
-from .spatial import Conv2dGeometry, as_pair, call_flops, conv2d_geometry, dense_conv, require_geometry
+from .spatial import (Conv2dGeometry, as_pair, call_flops, dense_conv, require_geometry,
+                      supports_multi_tap_conv)
 from .tucker import leading_left, unfold_in, unfold_out
 
 __all__ = ["CPFactors", "cp_rank_limit", "cp_factors", "cp_weight", "cp_cost", "CPConv", "CP"]
@@ -244,11 +245,6 @@ class CPConv(Factorized, nn.Sequential):
 # ---- family ---------------------------------------------------------------------------------
 
 
-def _supports(module: nn.Module, info: LayerInfo) -> bool:
-    geom = conv2d_geometry(module)
-    return geom is not None and geom.taps > 1
-
-
 def _options(config: CurveConfig) -> dict[str, Any]:
     opts = family_options(config, NAME, DEFAULTS)
     for key in ("max_rank", "n_iter_max"):
@@ -321,7 +317,7 @@ def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None 
 CP = register_family(
     Family(
         name=NAME,
-        supports=_supports,
+        supports=supports_multi_tap_conv,
         candidates=_candidates,
         realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
         skeleton=lambda module, hyper: build(module, hyper, init=False),

@@ -271,6 +271,13 @@ def _supports(module: nn.Module, info: LayerInfo) -> bool:
     return geom is not None and geom.kernel[0] > 1 and geom.kernel[1] > 1
 
 
+def supports_multi_tap_conv(module: nn.Module, info: LayerInfo) -> bool:
+    """The ``supports`` of the families that factorise a 2-D convolution's kernel (Tucker-2, CP):
+    a ``groups=1`` Conv2d with more than one tap."""
+    geom = conv2d_geometry(module)
+    return geom is not None and geom.taps > 1
+
+
 def _check_rank(geom: Conv2dGeometry, hyper: dict[str, Any]) -> int:
     rank = check_hyper(NAME, hyper, ("rank",))["rank"]
     kh, kw = geom.kernel

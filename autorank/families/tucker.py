@@ -60,7 +60,8 @@ from ..graph import LayerInfo
 from ..modules import Factorized
 from ..vbmf import evbmf_rank
 from . import Family, family_options, register_family
-from .spatial import Conv2dGeometry, as_pair, call_flops, conv2d_geometry, dense_conv, require_geometry
+from .spatial import (Conv2dGeometry, as_pair, call_flops, dense_conv, require_geometry,
+                      supports_multi_tap_conv)
 
 __all__ = ["unfold_out", "unfold_in", "leading_left", "hosvd", "hooi", "tucker2_core", "tucker2_factors",
            "tucker2_weight", "tucker2_cost", "tucker2_rankas_pairs", "vbmf_ranks", "Tucker2Conv", "TUCKER2"]
@@ -217,11 +218,6 @@ class Tucker2Conv(Factorized, nn.Sequential):
 # ---- family ---------------------------------------------------------------------------------
 
 
-def _supports(module: nn.Module, info: LayerInfo) -> bool:
-    geom = conv2d_geometry(module)
-    return geom is not None and geom.taps > 1
-
-
 def _options(config: CurveConfig) -> dict[str, Any]:
     opts = family_options(config, NAME, DEFAULTS)
     if opts["hooi_iters"] < 0:
@@ -286,7 +282,7 @@ def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None 
 TUCKER2 = register_family(
     Family(
         name=NAME,
-        supports=_supports,
+        supports=supports_multi_tap_conv,
         candidates=_candidates,
         realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
         skeleton=lambda module, hyper: build(module, hyper, init=False),
