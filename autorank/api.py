@@ -256,6 +256,7 @@ def optimize(
     calibration: Iterable[Any] | None = None,
     embeddings: bool = False,
     sequential: bool = False,
+    output_weighting: bool | Callable[[Any], torch.Tensor] = False,
     refine: Any = None,
     finetune: Any = None,
     steps: int = 1,
@@ -294,6 +295,13 @@ def optimize(
             original layers' outputs given the compressed model's own inputs, with re-centred
             biases (:mod:`autorank.sequential`).  The ranks stay those of the plan; the refit costs
             two partial forward passes over the calibration data per stage of independent layers.
+        output_weighting: with ``calibration``, also weight each layer's output error by how
+            much it moves the model's output (two-sided whitening, :mod:`autorank.calibration`):
+            errors and factors minimise ``tr((W - W_hat) M (W - W_hat)^T G)`` with ``G`` the
+            layer's output Gauss-Newton moment, estimated by one backward pass per calibration
+            batch.  ``True`` measures the model's primary output tensor (``last_hidden_state``,
+            ``logits``, or the output itself); a callable ``fn(model_output) -> Tensor`` picks
+            another (e.g. a pooled embedding).  Families without ``fits_output`` use ``M`` alone.
         refine: an :class:`autorank.Refine` to tune solver knobs with Optuna against a
             metric on held-out data (single-step runs; see :mod:`autorank.refine`).
         finetune: ``None`` (compress only), an :class:`autorank.Finetune`, or any
@@ -360,8 +368,13 @@ def optimize(
         raise TypeError(f"sequential must be a bool, got {sequential!r}")
     if sequential and calibration is None:
         raise ValueError("sequential=True refits layers to calibration data: pass calibration=...")
+    if not (isinstance(output_weighting, bool) or callable(output_weighting)):
+        raise TypeError(f"output_weighting must be a bool or a callable, got {output_weighting!r}")
+    if output_weighting is not False and calibration is None:
+        raise ValueError("output_weighting measures layers on calibration data: pass calibration=...")
     step = CompressStep(example_inputs, metric, exclude, curve_cfg, solver_cfg, progress, allocator,
-                        calibration=calibration, embeddings=embeddings, evaluate=evaluate, sequential=sequential)
+                        calibration=calibration, embeddings=embeddings, evaluate=evaluate, sequential=sequential,
+                        output_weighting=output_weighting)
     if refine is not None:
         from .refine import Refine, run_refine
 
@@ -403,6 +416,7 @@ class CompressStep:
     embeddings: bool = False
     evaluate: Callable[[nn.Module], float] | None = None
     sequential: bool = False
+    output_weighting: bool | Callable[[Any], torch.Tensor] = False
 
     @property
     def allocator_name(self) -> str:
@@ -451,6 +465,15 @@ def _prepare(work: nn.Module, cfg: CompressStep) -> Prepared:
         t = time.perf_counter()
         moments = collect_moments(work, graph.layers, cfg.calibration, cfg.progress)
         timings["calibration"] = time.perf_counter() - t
+        if cfg.output_weighting is not False:
+            from .calibration import collect_output_moments
+
+            t = time.perf_counter()
+            fn = None if cfg.output_weighting is True else cfg.output_weighting
+            for name, out in collect_output_moments(work, graph.layers, cfg.calibration, fn, cfg.progress).items():
+                if name in moments:
+                    moments[name].output = out
+            timings["output_moments"] = time.perf_counter() - t
     t = time.perf_counter()
     layer_curves, no_gain = build_curves(work, graph, cfg.curves, metric, cfg.progress, moments)
     timings["curves"] = time.perf_counter() - t
@@ -480,7 +503,8 @@ def _finish(work: nn.Module, budget: float, cfg: CompressStep, prep: Prepared, p
                      config={"allocator": cfg.allocator_name, "curves": cfg.curves.to_dict(),
                              "solver": cfg.solver.to_dict(), "exclude": list(cfg.exclude),
                              "data_aware": prep.moments is not None, "embeddings": cfg.embeddings,
-                             "sequential": bool(cfg.sequential and prep.moments is not None)})
+                             "sequential": bool(cfg.sequential and prep.moments is not None),
+                             "output_weighting": bool(cfg.output_weighting is not False and prep.moments is not None)})
     from .families import get_family
 
     late = sorted({lp.family for lp in plan.layers.values() if lp.compressed and get_family(lp.family).needs_finetune})
@@ -497,7 +521,9 @@ def _finish(work: nn.Module, budget: float, cfg: CompressStep, prep: Prepared, p
         t = time.perf_counter()
         done = sequential_refit(reference, work, plan, cfg.calibration, graph=prep.graph.graph,
                                 kinds={n: info.kind for n, info in prep.graph.layers.items()},
-                                progress=cfg.progress)
+                                progress=cfg.progress,
+                                output_moments={n: m.output_matrix for n, m in prep.moments.items()
+                                                if m.output is not None})
         del reference
         timings["refit"] = time.perf_counter() - t
         log.info("sequential refit of %d layers: %.2fs", len(done), timings["refit"])

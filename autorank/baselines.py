@@ -599,7 +599,7 @@ def sensitivity_table(
     overwritten.  Returns ``{"version", "fingerprint", "ratios", "scores": {layer:
     [[rank, score], ...]}}`` (ranks ascending).
     """
-    from .families import get_family
+    from .families import get_family, output_kwargs
     from .graph import run_model
     from .realize import replace_module
 
@@ -617,6 +617,10 @@ def sensitivity_table(
             _digest(t, h)
         scorer = ["fidelity", h.hexdigest()]
     moments = {n: _digest(m).hexdigest() for n in sorted(tables) if (m := _moment(ctx, n)) is not None}
+    outputs = {n: _digest(m.output_matrix).hexdigest() for n in sorted(tables)
+               if (m := (ctx.moments or {}).get(n)) is not None and m.output is not None}
+    if outputs:
+        moments["<output>"] = outputs
     fingerprint = model_fingerprint(model, "sensitivity", _SENSITIVITY_VERSION, list(ratios), sorted(tables),
                                     moments, scorer)
     store = ctx.cache.setdefault(_SENSITIVITY_KEY, {})
@@ -643,7 +647,9 @@ def sensitivity_table(
             for j in wanted:
                 if not t.index[j]:
                     continue  # not cheaper than dense: taken as dense
-                new = alds.realize(old, {"groups": 1, "rank": int(j)}, _moment(ctx, name))
+                mom = (ctx.moments or {}).get(name)
+                new = alds.realize(old, {"groups": 1, "rank": int(j)}, None if mom is None else mom.matrix,
+                                   **({} if mom is None else output_kwargs(alds, mom.output_matrix)))
                 new.train(old.training)
                 replace_module(work, name, new)
                 try:

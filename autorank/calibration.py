@@ -48,13 +48,37 @@ matrices ``U_i``,
     ||R(j) X||^2 / N = sum_{l > j, l' > j} C[l, l'],
 
 a suffix sum over the bottom-right block of ``C``.
+
+**Output weighting (two-sided whitening).**  A layer's output error ``d = R x`` does
+not reach the model's output equally in every direction: to first order the model's
+output moves by ``J d``, ``J`` the Jacobian of the output with respect to the layer's
+output at that position.  Its expected square, with the inputs and the Jacobians
+taken as independent (the Kronecker factorisation of K-FAC), is
+
+    E ||J R x||^2  ~=  tr(R M R^T G),        G = E[J^T J]      (f x f),
+
+the Gauss-Newton matrix of ``E ||output - output_hat||^2`` at the layer's output.
+``G`` is estimated without forming ``J``: for a random probe ``r ~ N(0, I)`` of the
+output's shape, ``g = J^T r`` is one backward pass of ``r . output``, and
+``E_r[g g^T] = J^T J``; :func:`collect_output_moments` accumulates ``g g^T`` over the
+positions of the calibration batches (one probe per batch).  With ``G = S^2``
+(symmetric root) the objective is ``||S R L||_F^2``, so the best rank-``j`` ``W_hat`` is
+
+    W_hat = S^{-1} [S W L]_j L^{-1} :
+
+every formula above applied to ``W' = S W``, with the left factor mapped back by
+``S^{-1}`` (the groups of ALDS split the input columns, so one ``S`` serves them all).
+``G`` is damped, ``G + delta * mean(eig G) * I`` (``delta`` = :data:`OUTPUT_DAMPING`),
+which bounds ``S^{-1}`` and moves towards the input-only whitening as ``delta`` grows;
+a layer the output does not depend on (``G = 0``) gets ``S = I``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -65,10 +89,14 @@ from ._util import progress_bar, single_thread
 from .layers import LINEAR_KINDS
 
 __all__ = [
+    "OUTPUT_DAMPING",
     "Moments",
     "collect_moments",
+    "collect_output_moments",
     "layer_inputs",
     "layer_rows",
+    "output_roots",
+    "primary_output",
     "whitened_error_curve",
     "whitened_factors",
     "whitened_factors_cholesky",
@@ -76,13 +104,26 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: default relative damping ``delta`` of the output moment: ``G + delta * mean(eig G) * I``
+OUTPUT_DAMPING = 0.1
+
 
 @dataclass
 class Moments:
-    """Streamed input second moment of one layer: ``sum`` = ``sum_x x x^T`` over ``count`` rows."""
+    """Streamed input second moment of one layer: ``sum`` = ``sum_x x x^T`` over ``count`` rows.
+
+    ``output``, when set (:func:`collect_output_moments`), is the layer's output-side
+    moment ``G = E[g g^T]`` in the same form (``f x f``).
+    """
 
     sum: torch.Tensor  # (n, n) float64, or (n,) when x x^T is diagonal (one-hot inputs of an embedding)
     count: int = 0
+    output: "Moments | None" = None
+
+    @property
+    def output_matrix(self) -> torch.Tensor | None:
+        """``G`` (``f x f`` float64) when output moments were collected, else None."""
+        return None if self.output is None else self.output.matrix
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -228,6 +269,137 @@ def collect_moments(
     return acc
 
 
+def primary_output(out: Any) -> torch.Tensor:
+    """The tensor of a model's output whose change output weighting measures.
+
+    A tensor is itself; a mapping (a ``transformers`` ``ModelOutput`` too) gives its
+    first tensor value (``last_hidden_state`` or ``logits``), a tuple or list its first
+    tensor.
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v
+    raise TypeError(f"cannot find a floating-point output tensor in a {type(out).__name__}; "
+                    "pass output_weighting=fn with fn(model_output) -> Tensor")
+
+
+def collect_output_moments(
+    model: nn.Module,
+    layers: Mapping[str, Any],
+    batches: Iterable[Any],
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+    progress: bool | None = None,
+    mask_key: str = "attention_mask",
+    seed: int = 0,
+) -> dict[str, Moments]:
+    """Stream ``batches`` through ``model`` and accumulate every layer's output-side moment ``G``.
+
+    For each batch a probe ``r ~ N(0, I)`` (generator seeded with ``seed``) of the
+    shape of ``output_fn(model(batch))`` (default :func:`primary_output`) is drawn --
+    zero at padded positions when the output is ``(B, T, ...)`` and the batch carries
+    a ``(B, T)`` ``mask_key`` -- and ``r . output`` is back-propagated; the gradient
+    ``g`` at each layer's output, one row per output position (per token for a
+    Linear, per pixel for a convolution; padded tokens left out), is accumulated as
+    ``sum g g^T``.  ``E[g g^T] = E[J^T J]`` (module docstring).  Embedding layers are
+    skipped.  No parameter gradient is kept: the model's parameters are left as they
+    were, ``requires_grad`` flags and ``.grad`` included; it runs in eval mode (mode restored).
+
+    Returns ``{name: Moments}`` with ``f x f`` sums.
+    """
+    from .graph import run_model
+
+    modules = dict(model.named_modules())
+    acc: dict[str, Moments] = {}
+    state: dict[str, Any] = {"mask": None}
+
+    def hook(name: str, kind: str):
+        def fn(mod, args, out):
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
+            if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here
+                out = out.detach().requires_grad_()
+
+            def grab(grad: torch.Tensor) -> None:
+                if kind in LINEAR_KINDS:
+                    rows = _mask_rows(grad, state["mask"])
+                else:  # (B, C, *spatial): one row per output position
+                    rows = grad.movedim(1, -1).reshape(-1, grad.shape[1])
+                mom = acc.setdefault(name, Moments(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)))
+                mom.update(rows)
+
+            out.register_hook(grab)
+            return out
+
+        return fn
+
+    extract = output_fn or primary_output
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = {m: m.training for m in model.modules()}
+    gen = torch.Generator().manual_seed(seed)
+    handles = []
+    n_batches = 0
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        model.eval()
+        for name, info in layers.items():
+            if info.kind != "embedding":
+                handles.append(modules[name].register_forward_hook(hook(name, info.kind)))
+        for batch in progress_bar(batches, "output moments", progress):
+            mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
+            state["mask"] = mask
+            with torch.enable_grad():
+                try:
+                    out = extract(run_model(model, batch))
+                except Exception as exc:
+                    raise RuntimeError(f"the forward pass of {type(model).__name__} on calibration batch "
+                                       f"{n_batches} failed: {type(exc).__name__}: {exc}") from exc
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(f"output_weighting's function returned a {type(out).__name__}, not a Tensor")
+                n_batches += 1
+                if not out.requires_grad:
+                    continue  # no weighted layer reaches this output
+                probe = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.dtype)
+                if mask is not None and out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape):
+                    probe = probe * mask.reshape(*mask.shape, *([1] * (out.dim() - 2))).to(out.dtype)
+                (out * probe).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for m, mode in was_training.items():
+            m.training = mode
+    if n_batches == 0:
+        raise ValueError("calibration is empty: it must yield at least one batch of inputs")
+    return acc
+
+
+@torch.no_grad()
+def output_roots(g: torch.Tensor, damping: float = OUTPUT_DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, S^{-1})`` with ``S = (G + delta * mean(eig G) * I)^{1/2}`` symmetric, float64.
+
+    ``G = 0`` (the output does not depend on the layer) gives ``(I, I)``.
+    """
+    if damping <= 0 or not math.isfinite(damping):
+        raise ValueError(f"output damping must be a positive number, got {damping!r}")
+    g = g.detach().to(torch.float64)
+    if g.dim() != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"an output moment must be a square matrix, got shape {tuple(g.shape)}")
+    with single_thread(g.shape[0]):
+        lam, q = torch.linalg.eigh(0.5 * (g + g.T))
+    lam = lam.clamp_min(0)
+    mean = float(lam.mean())
+    if mean <= 0:
+        eye = torch.eye(g.shape[0], dtype=torch.float64)
+        return eye, eye.clone()
+    root = (lam + damping * mean).sqrt()
+    return (q * root) @ q.T, (q / root) @ q.T
+
+
 def _eigh_desc(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with single_thread(mat.shape[-1]):
         evals, evecs = torch.linalg.eigh(mat)
@@ -237,6 +409,18 @@ def _eigh_desc(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _weighted_gram(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``W M W^T`` for a full ``M`` (``n x n``) or a diagonal one (``(n,)``)."""
     return (w * m) @ w.T if m.dim() == 1 else w @ m @ w.T
+
+
+def _left_weighted(weight: torch.Tensor, output: torch.Tensor | None,
+                   damping: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(S W, S^{-1})`` for an output moment ``G``, or ``(W, None)`` without one."""
+    if output is None:
+        return weight, None
+    f = weight.shape[0]
+    if tuple(output.shape) != (f, f):
+        raise ValueError(f"output moment of shape {tuple(output.shape)} does not match a weight with {f} rows")
+    root, inv = output_roots(output, damping)
+    return root @ weight.detach().to(torch.float64), inv
 
 
 def _blocks(weight: torch.Tensor, moment: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,17 +465,22 @@ def _output_eigen(w: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def whitened_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def whitened_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int = 1,
+                         output: torch.Tensor | None = None,
+                         output_damping: float = OUTPUT_DAMPING) -> tuple[np.ndarray, np.ndarray]:
     """Data-aware errors ``eps(j)`` for ranks ``j = 1 .. min(f, n/groups)`` of the per-group whitened truncation.
 
     Returns ``(errors, spectrum)``: ``errors[j-1] = ||(W - W_hat_j) X||_F / ||W X||_F``
     exactly (cross-group terms included, see the module docstring) and ``spectrum``,
     the singular values of ``W_0 L_0`` (square roots of the eigenvalues of
-    ``W_0 M_00 W_0^T``; for ``groups = 1`` those of ``W L``).
+    ``W_0 M_00 W_0^T``; for ``groups = 1`` those of ``W L``).  With an output moment
+    ``output = G`` (``f x f``) everything is measured after ``S`` (module docstring):
+    ``errors[j-1] = ||S (W - W_hat_j) X||_F / ||S W X||_F`` of the two-sided truncation.
 
     Cost per group: one ``min(f, n/k)``-sized eigendecomposition; the cross terms
     work on ``r x r`` matrices, ``r = min(f, n/k)``.
     """
+    weight = _left_weighted(weight, output, output_damping)[0]
     w, m = _blocks(weight, moment, groups)
     k, f, nk = w.shape
     rank_max = min(f, nk)
@@ -330,15 +519,19 @@ def whitened_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int
 
 @torch.no_grad()
 def whitened_factors(
-    weight: torch.Tensor, moment: torch.Tensor, groups: int, rank: int
+    weight: torch.Tensor, moment: torch.Tensor, groups: int, rank: int,
+    output: torch.Tensor | None = None, output_damping: float = OUTPUT_DAMPING,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of the per-group whitened truncation ``W_hat_i = U_ij U_ij^T W_i = B_i A_i``.
 
     Same layout as :func:`autorank.modules.grouped_low_rank_factors`: ``A`` is
     ``(groups, rank, n/groups)`` and ``B`` is ``(groups, f, rank)``, float64.  The
     scale of each rank-one term is balanced between ``A`` and ``B``
-    (``||a_l|| = ||b_l||``), which leaves the product unchanged.
+    (``||a_l|| = ||b_l||``), which leaves the product unchanged.  With an output
+    moment ``output = G``: the factors of ``S W`` under ``M``, then ``B <- S^{-1} B``
+    (the two-sided truncation, module docstring).
     """
+    weight, inv = _left_weighted(weight, output, output_damping)
     w, m = _blocks(weight, moment, groups)
     k, f, nk = w.shape
     if not 1 <= rank <= min(f, nk):
@@ -350,6 +543,8 @@ def whitened_factors(
         bs = [_output_eigen(w[i], m[i * nk + idx][:, i * nk + idx])[1][:, :rank] for i in range(k)]
     b = torch.stack(bs)  # (k, f, rank), orthonormal (or zero) columns
     a = b.transpose(1, 2) @ w  # (k, rank, nk)
+    if inv is not None:
+        b = inv @ b
     scale = (a.norm(dim=2) / b.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(
         torch.finfo(torch.float64).tiny).sqrt()  # (k, rank)
     return a / scale.unsqueeze(2), b * scale.unsqueeze(1)

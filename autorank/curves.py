@@ -192,12 +192,15 @@ class LayerCurves:
 def build_layer_curves(
     module: nn.Module, info: LayerInfo, config: CurveConfig, metric: str = "params",
     moment: torch.Tensor | None = None,
+    output: torch.Tensor | None = None,
 ) -> LayerCurves | str:
     """All candidates of one layer, or the reason why it has none.
 
-    ``moment``: the layer's input second moment (data-aware errors), or None.
+    ``moment``: the layer's input second moment (data-aware errors), or None;
+    ``output``: its output moment ``G`` (output-weighted errors, for the families
+    with ``fits_output``), or None.
     """
-    from .families import get_family
+    from .families import get_family, output_kwargs
 
     names: list[str] = ["dense"]
     hypers: list[dict[str, np.ndarray]] = [{}]
@@ -212,7 +215,7 @@ def build_layer_curves(
         if not fam.supports(module, info):
             continue
         supported = True
-        cand = fam.candidates(module, info, config, moment)
+        cand = fam.candidates(module, info, config, moment, **output_kwargs(fam, output))
         _check_columns(fname, cand)
         cost = cand.params if metric == "params" else cand.flops
         keep = np.nonzero(cost < dense_cost)[0]
@@ -258,7 +261,7 @@ def build_curves(
     """Error curves of every compressible layer of ``graph``.
 
     ``moments``: ``{layer: Moments}`` from :func:`autorank.calibration.collect_moments`;
-    the layers listed get data-aware errors.  Returns ``(curves, skipped)``: layers
+    the layers listed get data-aware errors (output-weighted where ``Moments.output`` is set).  Returns ``(curves, skipped)``: layers
     with no candidate cheaper than dense (in ``metric``), or that no enabled family
     supports, are in ``skipped`` with the reason.
     """
@@ -269,7 +272,9 @@ def build_curves(
 
     def one(it):
         mom = moments.get(it[0])
-        return build_layer_curves(modules[it[0]], it[1], config, metric, None if mom is None else mom.matrix)
+        if mom is None:
+            return build_layer_curves(modules[it[0]], it[1], config, metric)
+        return build_layer_curves(modules[it[0]], it[1], config, metric, mom.matrix, mom.output_matrix)
 
     built = parallel_map(one, items,
                          weight=lambda it: it[1].weight_params, desc="error curves", progress=progress)

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 import torch.nn as nn
 
 from ._util import parallel_map
-from .families import get_family
+from .families import get_family, output_kwargs
 from .modules import Factorized
 from .plan import Plan
 
@@ -41,7 +41,8 @@ def realize(
             fills in the saved weights).
         layers: restrict to these layer names.
         moments: ``{layer: Moments}`` of calibration data; families that can use them
-            fit the factors to the data (e.g. the whitened SVD of ALDS).
+            fit the factors to the data (e.g. the whitened SVD of ALDS), and to the output
+            moments too where ``Moments.output`` is set and the family ``fits_output``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -61,9 +62,12 @@ def realize(
         mom = (moments or {}).get(name)
         if not init:
             todo.append((name, old, lp.hyper, family.skeleton))
+        elif mom is None:
+            todo.append((name, old, lp.hyper, family.realize))
         else:
             todo.append((name, old, lp.hyper,
-                         lambda m, h, f=family, mm=(None if mom is None else mom.matrix): f.realize(m, h, mm)))
+                         lambda m, h, f=family, mm=mom.matrix, kw=output_kwargs(family, mom.output_matrix):
+                         f.realize(m, h, mm, **kw)))
     # the factorisations are independent: compute them in parallel, then swap the modules in
     built = parallel_map(lambda t: t[3](t[1], t[2]), todo,
                          weight=lambda t: sum(p.numel() for p in t[1].parameters()))

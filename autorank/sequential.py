@@ -60,7 +60,7 @@ import torch.nn as nn
 
 from ._util import progress_bar
 from .calibration import layer_rows
-from .families import get_family
+from .families import get_family, output_kwargs
 from .layers import get_layer_handler, set_weight_matrix
 from .modules import Factorized
 from .plan import Plan
@@ -125,11 +125,13 @@ def _output_bias(module: nn.Module) -> torch.Tensor | None:
 
 @torch.no_grad()
 def refit_layer(original: nn.Module, built: nn.Module, family: str, hyper: Mapping[str, Any],
-                moments: CrossMoments, damping: float = 1e-6) -> nn.Module:
+                moments: CrossMoments, damping: float = 1e-6, output: torch.Tensor | None = None) -> nn.Module:
     """The layer of ``family`` / ``hyper`` fitted to ``original``'s outputs on the paired inputs of ``moments``.
 
     ``built`` is the current factorised module; it tells whether the bias can move
-    (``output_bias()``).  Returns a new module; ``original`` is not modified.
+    (``output_bias()``).  ``output``: the layer's output moment ``G``, for families with
+    ``fits_output`` (the projection of ``W_eff`` is then the two-sided one; ``W_eff`` and
+    the bias do not depend on ``G``).  Returns a new module; ``original`` is not modified.
     """
     handler = get_layer_handler(original)
     w = handler.weight_matrix(original).detach().to(torch.float64)
@@ -139,7 +141,8 @@ def refit_layer(original: nn.Module, built: nn.Module, family: str, hyper: Mappi
     w_eff = effective_weight(w, cross, cov, damping)
     target = copy.deepcopy(original)
     set_weight_matrix(target, w_eff)
-    new = get_family(family).realize(target, dict(hyper), cov)
+    fam = get_family(family)
+    new = fam.realize(target, dict(hyper), cov, **output_kwargs(fam, output))
     if movable:
         dense = new.to_dense()
         w_hat = get_layer_handler(dense).weight_matrix(dense).detach().to(torch.float64)
@@ -240,6 +243,7 @@ def sequential_refit(
     damping: float = 1e-6,
     progress: bool | None = None,
     mask_key: str = "attention_mask",
+    output_moments: Mapping[str, torch.Tensor] | None = None,
 ) -> list[str]:
     """Refit the factorised layers of ``model`` (in place) stage by stage; returns the refitted names.
 
@@ -251,6 +255,7 @@ def sequential_refit(
         graph: the data-flow graph of :func:`autorank.analyze`, to refit independent layers together.
         kinds: ``{layer: kind}`` (``"linear"``, ``"conv2d"``, ...); read from the handlers if omitted.
         damping: relative ridge ``delta`` of ``(C + delta * mean(diag C) I)^{-1}``.
+        output_moments: ``{layer: G}``, the output moments of output weighting, or None.
     """
     batches = list(batches)
     if not batches:
@@ -289,7 +294,8 @@ def sequential_refit(
                     continue
                 lp = plan.layers[n]
                 built = model.get_submodule(n)
-                new = refit_layer(reference.get_submodule(n), built, lp.family, lp.hyper, acc[n], damping)
+                new = refit_layer(reference.get_submodule(n), built, lp.family, lp.hyper, acc[n], damping,
+                                  output=(output_moments or {}).get(n))
                 was[new] = was.get(built, False)
                 if not isinstance(new, Factorized):  # pragma: no cover - realize() checks the same
                     raise TypeError(f"family {lp.family!r} built a {type(new).__name__} for {n!r}")

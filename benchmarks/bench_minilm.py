@@ -20,15 +20,19 @@ they are), and the methods are:
 * ``uniform-svd``      -- the same rank fraction in every layer, plain SVD;
 * ``alds-weights``     -- autorank's ALDS allocation on weight-only error curves;
 * ``uniform-whitened`` -- the same rank fraction in every layer, activation-whitened SVD;
-* ``autorank-data``    -- autorank with ``calibration=``: exact data-aware error
+* ``autorank-data-1sided`` -- autorank with ``calibration=``: exact data-aware error
   curves, whitened factors, the ``alds_output`` allocator (each layer's curve is
   scaled by its measured output gain, from two probe evaluations per layer of the
   embedding cosine on the held-out slice, and the exact solver minimises the summed
   squared output errors), and ``sequential=True``: every factorised layer refitted,
   in execution order, to the original layer's outputs on the compressed model's own
   inputs (:mod:`autorank.sequential`);
-* ``autorank-data-norefit`` -- the same plan realised without the sequential refit
-  (the whitened factors of the original inputs): the refit's ablation;
+* ``autorank-data``    -- the same with ``output_weighting=True``: every error and
+  factor weighted on the output side too, by the layer's output Gauss-Newton moment
+  (two-sided whitening, :mod:`autorank.calibration`); ``autorank-data-1sided`` is its
+  ablation;
+* ``autorank-data-norefit`` -- the ``autorank-data`` plan realised without the
+  sequential refit (the two-sided factors of the original inputs): the refit's ablation;
 * ``autorank-data+ft`` -- the ``autorank-data`` model, then a short distillation
   fine-tune on the unlabelled calibration text (cosine + MSE to the original's
   embeddings, MSE of the token states), at most ``--finetune-minutes`` of wall time;
@@ -54,7 +58,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import autorank  # noqa: E402
-from autorank.calibration import collect_moments  # noqa: E402
+from autorank.calibration import collect_moments, collect_output_moments  # noqa: E402
 from autorank.text import (  # noqa: E402
     docstring_paragraphs,
     embedding_agreement,
@@ -191,13 +195,16 @@ def main() -> None:
           f"{len(texts)} paragraphs -> {len(calib_texts)} calibration + {len(held_texts)} held-out / "
           f"{len(eval_texts)} evaluation; fine-tune text: {len(ft_texts)} paragraphs")
 
-    methods = ["uniform-svd", "alds-weights", "uniform-whitened", "autorank-data-norefit", "autorank-data",
-               "autorank-data+ft"]
+    methods = ["uniform-svd", "alds-weights", "uniform-whitened", "autorank-data-1sided", "autorank-data-norefit",
+               "autorank-data", "autorank-data+ft"]
     settings = {
         "uniform-svd": dict(allocator="uniform"),
         "alds-weights": dict(),
         "uniform-whitened": dict(allocator="uniform", calibration=calib),
-        "autorank-data": dict(calibration=calib, allocator="alds_output", evaluate=held_cosine, sequential=True),
+        "autorank-data-1sided": dict(calibration=calib, allocator="alds_output", evaluate=held_cosine,
+                                     sequential=True),
+        "autorank-data": dict(calibration=calib, allocator="alds_output", evaluate=held_cosine, sequential=True,
+                              output_weighting=True),
     }
     if args.methods:
         unknown = set(args.methods) - set(methods)
@@ -228,9 +235,11 @@ def main() -> None:
                 record(keep, name, res.model, res.plan, seconds)
                 continue
             if "autorank-data-norefit" in methods:
-                # the same plan realised with the whitened factors of the original inputs, without the refit
+                # the same plan realised with the two-sided factors of the original inputs, without the refit
                 if moments is None:
                     moments = collect_moments(model, graph.layers, calib)
+                    for n, out in collect_output_moments(model, graph.layers, calib).items():
+                        moments[n].output = out
                 t = time.perf_counter()
                 plain = autorank.realize(model, res.plan, moments=moments)
                 record(keep, "autorank-data-norefit", plain, res.plan,

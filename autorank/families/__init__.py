@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..curves import CandidateColumns
     from ..graph import LayerInfo
 
-__all__ = ["Family", "register_family", "get_family", "available_families", "family_options"]
+__all__ = ["Family", "register_family", "get_family", "available_families", "family_options", "output_kwargs"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,12 @@ class Family:
         ``realize`` fits the factors to the data when given a moment (the minimiser of
         ``tr((W - W_hat) M (W - W_hat)^T)`` over the family's structure), so the
         sequential refit (:mod:`autorank.sequential`) can re-fit its layers.
+    fits_output:
+        ``candidates`` and ``realize`` accept a keyword ``output``: the layer's output
+        moment ``G`` (``f x f``, :func:`autorank.calibration.collect_output_moments`),
+        and then measure and minimise the output-weighted error
+        ``tr((W - W_hat) M (W - W_hat)^T G)``.  Families without it are given the input
+        moment alone.
     needs_finetune:
         the family's candidates are only worth their cost after fine-tuning (ALRF);
         their error is that of the module as initialised.
@@ -63,6 +69,12 @@ class Family:
     needs_finetune: bool = False
     description: str = ""
     fits_data: bool = False
+    fits_output: bool = False
+
+
+def output_kwargs(family: Family, output: Any) -> dict[str, Any]:
+    """``{"output": output}`` for a family that takes output moments (and one is given), else ``{}``."""
+    return {"output": output} if family.fits_output and output is not None else {}
 
 
 _FAMILIES: dict[str, Family] = {}

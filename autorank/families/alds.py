@@ -10,7 +10,10 @@ Errors:
   bound, exact for ``k = 1``, or the reference's lower bound);
 * data-aware (a calibration moment is given): the exact
   ``||(W - W_hat) X||_F / ||W X||_F`` of the per-group whitened truncation, and the
-  realised factors are the whitened ones (:mod:`autorank.calibration`).
+  realised factors are the whitened ones (:mod:`autorank.calibration`);
+* output-weighted (an output moment ``G`` is given too): the same after the left
+  factor ``S = G^{1/2}``, ``||S (W - W_hat) X||_F / ||S W X||_F``, of the two-sided
+  truncation.
 
 Layers: ``nn.Linear``, Hugging Face ``Conv1D``, ``nn.Conv1d``/``nn.Conv2d`` and, when the
 analyser is asked to, ``nn.Embedding`` (``k = 1`` only; the lookup is free, so a
@@ -48,7 +51,7 @@ def group_choices(info: LayerInfo, config: CurveConfig) -> list[int]:
 
 
 def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
-                moment: torch.Tensor | None = None) -> CandidateColumns:
+                moment: torch.Tensor | None = None, output: torch.Tensor | None = None) -> CandidateColumns:
     w = get_layer_handler(module).weight_matrix(module)
     f, c, taps = info.out_features, info.in_channels, info.taps
     bias = f if info.has_bias else 0
@@ -56,7 +59,7 @@ def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
     sigma1 = None
     for k in sorted(group_choices(info, config)):
         if moment is not None:
-            err, _ = whitened_error_curve(w, moment, k)
+            err, _ = whitened_error_curve(w, moment, k, output=output)
             upper = lower = err
             m = len(err)
         else:
@@ -82,18 +85,18 @@ def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
                             params=weights + bias, flops=flops)
 
 
-def _factors(w: torch.Tensor, k: int, j: int, moment: torch.Tensor | None):
+def _factors(w: torch.Tensor, k: int, j: int, moment: torch.Tensor | None, output: torch.Tensor | None = None):
     if moment is None:
         return grouped_low_rank_factors(w, k, j)
-    return whitened_factors(w, moment, k, j)
+    return whitened_factors(w, moment, k, j, output=output)
 
 
 def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None = None,
-          init: bool = True) -> nn.Module:
+          init: bool = True, output: torch.Tensor | None = None) -> nn.Module:
     """The ALDS module for ``module`` at ``hyper = {"groups": k, "rank": j}``.
 
     With ``init=False`` only the structure is built; with ``moment`` the factors
-    are the data-aware (whitened) ones.
+    are the data-aware (whitened) ones, and with ``output`` too the two-sided ones.
     """
     h = check_hyper("alds", hyper, ("groups", "rank"))
     k, j = h["groups"], h["rank"]
@@ -114,16 +117,16 @@ def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None 
         if not init:
             return LowRankEmbedding(module.num_embeddings, module.embedding_dim, j, module.padding_idx,
                                     device=w.device, dtype=w.dtype)
-        a, b = _factors(w, 1, j, moment)
+        a, b = _factors(w, 1, j, moment, output)
         return LowRankEmbedding.from_factors(module, a[0], b[0])
     if kind in LINEAR_KINDS:
         bias = getattr(module, "bias", None)
         if not init:
             return GroupedLowRankLinear(n, f, j, k, bias is not None, device=w.device, dtype=w.dtype)
-        a, b = _factors(w, k, j, moment)
+        a, b = _factors(w, k, j, moment, output)
         return GroupedLowRankLinear.from_factors(a, b, bias, like=w)
     if init:
-        return GroupedLowRankConv.from_dense(module, j, k, factors=_factors(w, k, j, moment))
+        return GroupedLowRankConv.from_dense(module, j, k, factors=_factors(w, k, j, moment, output))
     return GroupedLowRankConv(module.weight.dim() - 2, module.in_channels, module.out_channels,
                               module.kernel_size, j, k, module.stride, module.padding, module.dilation,
                               module.bias is not None, module.padding_mode, device=w.device, dtype=w.dtype)
@@ -139,9 +142,10 @@ ALDS = register_family(
         name="alds",
         supports=_supports,
         candidates=_candidates,
-        realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
+        realize=lambda module, hyper, moment=None, output=None: build(module, hyper, moment, True, output),
         skeleton=lambda module, hyper: build(module, hyper, init=False),
         description="grouped low-rank SVD (ALDS); groups=1 is plain truncated SVD",
         fits_data=True,
+        fits_output=True,
     )
 )
