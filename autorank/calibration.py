@@ -319,8 +319,9 @@ def collect_output_moments(
         def fn(mod, args, out):
             if not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 return None
-            if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here
-                out = out.detach().requires_grad_()
+            if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here, with a
+                # non-leaf (the model may modify the output in place, which a leaf would refuse)
+                out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
 
             def grab(grad: torch.Tensor) -> None:
                 if kind in LINEAR_KINDS:

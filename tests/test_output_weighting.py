@@ -132,6 +132,26 @@ def test_padded_positions_and_the_output_function():
     assert g[0, 0] > 0 and torch.count_nonzero(g[1:]) == 0 and torch.count_nonzero(g[:, 1:]) == 0
 
 
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h += 1.0  # in place on the first layer's output
+        return self.fc2(torch.relu_(h))
+
+
+def test_a_model_that_modifies_layer_outputs_in_place():
+    model = _InPlace()
+    x = torch.randn(8, 4)
+    ref = model(x).detach()
+    mom = collect_output_moments(model, autorank.analyze(model, x).layers, [x], progress=False)
+    assert mom["fc1"].count == 8 and torch.count_nonzero(mom["fc1"].sum) > 0
+    assert torch.equal(model(x), ref)
+
+
 def test_conv_output_rows_are_pixels():
     model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Conv2d(5, 4, 1))
     x = torch.randn(3, 2, 6, 6)
