@@ -111,6 +111,11 @@ def _moment(ctx: AllocationContext, name: str) -> torch.Tensor | None:
     return None if mom is None else mom.matrix
 
 
+def _output_moment(ctx: AllocationContext, name: str) -> torch.Tensor | None:
+    mom = (ctx.moments or {}).get(name)
+    return None if mom is None else mom.output_matrix
+
+
 @torch.no_grad()
 def layer_spectrum(ctx: AllocationContext, name: str) -> np.ndarray:
     r"""Descending spectrum ``s_1 >= ... >= s_m`` (``m = min(f, n)``, float64) of layer ``name``.
@@ -617,8 +622,7 @@ def sensitivity_table(
             _digest(t, h)
         scorer = ["fidelity", h.hexdigest()]
     moments = {n: _digest(m).hexdigest() for n in sorted(tables) if (m := _moment(ctx, n)) is not None}
-    outputs = {n: _digest(m.output_matrix).hexdigest() for n in sorted(tables)
-               if (m := (ctx.moments or {}).get(n)) is not None and m.output is not None}
+    outputs = {n: _digest(g).hexdigest() for n in sorted(tables) if (g := _output_moment(ctx, n)) is not None}
     if outputs:
         moments["<output>"] = outputs
     fingerprint = model_fingerprint(model, "sensitivity", _SENSITIVITY_VERSION, list(ratios), sorted(tables),
@@ -647,9 +651,8 @@ def sensitivity_table(
             for j in wanted:
                 if not t.index[j]:
                     continue  # not cheaper than dense: taken as dense
-                mom = (ctx.moments or {}).get(name)
-                new = alds.realize(old, {"groups": 1, "rank": int(j)}, None if mom is None else mom.matrix,
-                                   **({} if mom is None else output_kwargs(alds, mom.output_matrix)))
+                new = alds.realize(old, {"groups": 1, "rank": int(j)}, _moment(ctx, name),
+                                   **output_kwargs(alds, _output_moment(ctx, name)))
                 new.train(old.training)
                 replace_module(work, name, new)
                 try:

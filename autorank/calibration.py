@@ -191,6 +191,45 @@ def layer_rows(module: nn.Module, x: torch.Tensor, kind: str, mask: torch.Tensor
     return layer_inputs(module, x, kind)
 
 
+def _forward(model: nn.Module, batch: Any, index: int) -> Any:
+    """``model`` on calibration batch ``index``; a failing batch is named in a RuntimeError."""
+    from .graph import run_model
+
+    try:
+        return run_model(model, batch)
+    except Exception as exc:  # a bad batch: say which one, plainly
+        raise RuntimeError(f"the forward pass of {type(model).__name__} on calibration batch {index} "
+                           f"failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _stream(model: nn.Module, batches: Iterable[Any], hooks: Iterable[Callable[[], Any]], state: dict[str, Any],
+            step: Callable[[Any, int], None], desc: str, progress: bool | None, mask_key: str) -> None:
+    """Run ``step(batch, index)`` on every batch in eval mode with the ``hooks`` registered.
+
+    ``hooks`` are callables that register one hook each and return its handle;
+    ``state["mask"]`` is the batch's ``mask_key`` entry (or None) during its step.  The
+    hooks are removed and every module's mode restored afterwards; no batch at all is
+    a ValueError.
+    """
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    handles = []
+    n_batches = 0
+    try:
+        handles = [register() for register in hooks]
+        for batch in progress_bar(batches, desc, progress):
+            state["mask"] = batch.get(mask_key) if isinstance(batch, Mapping) else None
+            step(batch, n_batches)
+            n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in was_training.items():
+            m.training = mode
+    if n_batches == 0:
+        raise ValueError("calibration is empty: it must yield at least one batch of inputs")
+
+
 @torch.no_grad()
 def collect_moments(
     model: nn.Module,
@@ -213,12 +252,9 @@ def collect_moments(
     their one-hot inputs (the token counts) as a 1-D tensor; every function here that
     takes a moment accepts that diagonal form.
     """
-    from .graph import run_model
-
     modules = dict(model.named_modules())
     acc: dict[str, Moments] = {}
     state: dict[str, Any] = {"mask": None}
-    handles = []
 
     def hook(name: str, kind: str):
         def fn(mod, args):
@@ -242,27 +278,10 @@ def collect_moments(
 
         return fn
 
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
-    n_batches = 0
-    try:
-        for name, info in layers.items():
-            handles.append(modules[name].register_forward_pre_hook(hook(name, info.kind)))
-        for batch in progress_bar(batches, "calibration", progress):
-            state["mask"] = batch.get(mask_key) if isinstance(batch, Mapping) else None
-            try:
-                run_model(model, batch)
-            except Exception as exc:  # a bad batch: say which one, plainly
-                raise RuntimeError(f"the forward pass of {type(model).__name__} on calibration batch {n_batches} "
-                                   f"failed: {type(exc).__name__}: {exc}") from exc
-            n_batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in was_training.items():
-            m.training = mode
-    if n_batches == 0:
-        raise ValueError("calibration is empty: it must yield at least one batch of inputs")
+    hooks = [lambda n=name, k=info.kind: modules[n].register_forward_pre_hook(hook(n, k))
+             for name, info in layers.items()]
+    _stream(model, batches, hooks, state, lambda batch, i: _forward(model, batch, i), "calibration", progress,
+            mask_key)
     missing = [n for n in layers if n not in acc]
     if missing:
         log.warning("no calibration inputs reached %d layer(s): %s", len(missing), ", ".join(missing[:5]))
@@ -309,8 +328,6 @@ def collect_output_moments(
 
     Returns ``{name: Moments}`` with ``f x f`` sums.
     """
-    from .graph import run_model
-
     modules = dict(model.named_modules())
     acc: dict[str, Moments] = {}
     state: dict[str, Any] = {"mask": None}
@@ -337,45 +354,31 @@ def collect_output_moments(
         return fn
 
     extract = output_fn or primary_output
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = {m: m.training for m in model.modules()}
     gen = torch.Generator().manual_seed(seed)
-    handles = []
-    n_batches = 0
+
+    def step(batch: Any, index: int) -> None:
+        mask = state["mask"]
+        with torch.enable_grad():
+            out = extract(_forward(model, batch, index))
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"output_weighting's function returned a {type(out).__name__}, not a Tensor")
+            if not out.requires_grad:
+                return  # no weighted layer reaches this output
+            probe = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.dtype)
+            if mask is not None and out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape):
+                probe = probe * mask.reshape(*mask.shape, *([1] * (out.dim() - 2))).to(out.dtype)
+            (out * probe).sum().backward()
+
+    hooks = [lambda n=name, k=info.kind: modules[n].register_forward_hook(hook(n, k))
+             for name, info in layers.items() if info.kind != "embedding"]
+    flags = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in flags:
             p.requires_grad_(False)
-        model.eval()
-        for name, info in layers.items():
-            if info.kind != "embedding":
-                handles.append(modules[name].register_forward_hook(hook(name, info.kind)))
-        for batch in progress_bar(batches, "output moments", progress):
-            mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
-            state["mask"] = mask
-            with torch.enable_grad():
-                try:
-                    out = extract(run_model(model, batch))
-                except Exception as exc:
-                    raise RuntimeError(f"the forward pass of {type(model).__name__} on calibration batch "
-                                       f"{n_batches} failed: {type(exc).__name__}: {exc}") from exc
-                if not isinstance(out, torch.Tensor):
-                    raise TypeError(f"output_weighting's function returned a {type(out).__name__}, not a Tensor")
-                n_batches += 1
-                if not out.requires_grad:
-                    continue  # no weighted layer reaches this output
-                probe = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.dtype)
-                if mask is not None and out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape):
-                    probe = probe * mask.reshape(*mask.shape, *([1] * (out.dim() - 2))).to(out.dtype)
-                (out * probe).sum().backward()
+        _stream(model, batches, hooks, state, step, "output moments", progress, mask_key)
     finally:
-        for h in handles:
-            h.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        for m, mode in was_training.items():
-            m.training = mode
-    if n_batches == 0:
-        raise ValueError("calibration is empty: it must yield at least one batch of inputs")
     return acc
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..calibration import whitened_error_curve, whitened_factors
+from ..calibration import output_roots, whitened_error_curve, whitened_factors
 from ..config import CurveConfig
 from ..curves import CandidateColumns, alds_cost, divisors_upto, group_singular_values, grouped_error_curves
 from ..errors import check_hyper
@@ -53,13 +53,15 @@ def group_choices(info: LayerInfo, config: CurveConfig) -> list[int]:
 def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
                 moment: torch.Tensor | None = None, output: torch.Tensor | None = None) -> CandidateColumns:
     w = get_layer_handler(module).weight_matrix(module)
+    if moment is not None and output is not None:  # S W once for every k (S costs an f x f eigh)
+        w = output_roots(output)[0] @ w.detach().to(torch.float64)
     f, c, taps = info.out_features, info.in_channels, info.taps
     bias = f if info.has_bias else 0
     ks, js, ups, lows = [], [], [], []
     sigma1 = None
     for k in sorted(group_choices(info, config)):
         if moment is not None:
-            err, _ = whitened_error_curve(w, moment, k, output=output)
+            err, _ = whitened_error_curve(w, moment, k)
             upper = lower = err
             m = len(err)
         else:
