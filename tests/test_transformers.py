@@ -351,6 +351,81 @@ def test_stdlib_paragraphs_with_members_add_class_and_function_docstrings():
         text.stdlib_paragraphs(members=1)
 
 
+def test_stdlib_paragraphs_are_the_first_paragraphs_of_the_collected_docstrings():
+    docs = text._stdlib_docstrings("members")
+    firsts = {text.first_paragraph(doc) for _, _, doc in docs}
+    members = text.stdlib_paragraphs(members=True)
+    assert set(members) <= firsts
+    kinds = {kind for _, kind, _ in docs}
+    assert kinds == {"module", "class", "function", "method"}
+    assert not any(part.startswith("_") for name, _, _ in docs for part in name.split("."))
+
+
+@pytest.mark.parametrize("doc, first", [
+    ("One line.", "One line."),
+    ("  Two\n  lines.\n\n  Second paragraph.", "Two lines."),
+    ("\n\nLeading blank.\n \nNext", "Leading blank."),
+    ("", ""),
+])
+def test_first_paragraph_table(doc, first):
+    assert text.first_paragraph(doc) == first
+
+
+def test_first_paragraph_rejects_non_str():
+    with pytest.raises(TypeError, match="NoneType"):
+        text.first_paragraph(None)
+
+
+def test_stdlib_prose_is_much_more_text_of_the_same_kind_and_deterministic():
+    prose = text.stdlib_prose()
+    first = text.stdlib_paragraphs(members=True)
+    assert len(prose) > 2 * len(first) and len(set(prose)) == len(prose)
+    assert all(4 <= len(p.split()) <= 96 and p == " ".join(p.split()) for p in prose)
+    # the first paragraphs are there too (those that pass the prose filter), and later ones besides
+    assert len(set(first) & set(prose)) > 0.5 * len(first)
+    assert text.stdlib_prose() == prose
+    kinds = {kind for _, kind, _ in text._stdlib_docstrings("all")}
+    assert kinds == {"module", "class", "function", "method"}
+    assert any(name.split(".")[-1].startswith("_") for name, _, _ in text._stdlib_docstrings("all"))
+
+
+def test_stdlib_prose_excludes_whole_docstrings_by_their_first_paragraph():
+    docs = [doc for _, _, doc in text._stdlib_docstrings("all") if doc]
+    full = text.stdlib_prose()
+    # a docstring with several prose paragraphs whose later ones occur in no other docstring
+    target = None
+    for doc in docs:
+        paras = text.prose_paragraphs(doc, 4, 96)
+        first = text.first_paragraph(doc)
+        if len(paras) >= 3 and paras[0] == first:
+            later = [p for p in paras[1:] if sum(p in text.prose_paragraphs(d, 4, 96) for d in docs
+                                                   if p in " ".join(d.split())) == 1]
+            if later:
+                target = first, later
+                break
+    assert target is not None
+    first, later = target
+    assert first in full and all(p in full for p in later)
+    cut = text.stdlib_prose(exclude=[first])
+    assert first not in cut and not any(p in cut for p in later)
+    assert len(full) - len(cut) >= 1 + len(later)
+    # excluding a later paragraph drops only that paragraph
+    cut2 = text.stdlib_prose(exclude={later[0]})
+    assert later[0] not in cut2 and first in cut2 and len(cut2) == len(full) - 1
+
+
+@pytest.mark.parametrize("bad, err", [(dict(exclude="text"), TypeError), (dict(min_words=0), ValueError),
+                                      (dict(min_words=10, max_words=9), ValueError)])
+def test_stdlib_prose_rejects_bad_arguments(bad, err):
+    with pytest.raises(err):
+        text.stdlib_prose(**bad)
+
+
+def test_stdlib_docstrings_rejects_an_unknown_scope():
+    with pytest.raises(ValueError, match="'everything'"):
+        text._stdlib_docstrings("everything")
+
+
 @pytest.mark.parametrize("bad", [dict(min_words=0), dict(min_words=9, max_words=8), dict(max_words=2.5)])
 def test_stdlib_paragraphs_rejects_bad_bounds(bad):
     with pytest.raises(ValueError):
