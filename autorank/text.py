@@ -303,7 +303,7 @@ def stdlib_prose(exclude: Iterable[str] = (), min_words: int = 4, max_words: int
     function, method, property, classmethod and staticmethod defined in them, and keeps
     each paragraph that :func:`prose_paragraphs` keeps (``min_words .. max_words`` words):
     ~9,600 paragraphs on CPython 3.11 -- the same kind of text as
-    :func:`stdlib_paragraphs`, seven times as much.
+    :func:`stdlib_paragraphs`, four times as much.
 
     ``exclude`` keeps evaluation text out, strictly: a docstring whose first paragraph is
     in ``exclude`` is dropped whole (none of its paragraphs is returned), and so is any

@@ -10,7 +10,7 @@ of it scores the output gains of ``alds_output`` (``--heldout`` paragraphs); the
 evaluation half (``--eval`` paragraphs) is only used for the figures.  The fine-tune
 trains on the calibration paragraphs plus (``--ft-text stdlib``, the default) every prose
 paragraph of every standard-library docstring whose first paragraph is in neither the
-evaluation half nor the held-out slice (:func:`autorank.text.stdlib_prose`, ~7,200
+evaluation half nor the held-out slice (:func:`autorank.text.stdlib_prose`; ~7,500
 paragraphs in all): text of the same kind as the evaluation's, none of it from an
 evaluation docstring.  ``--ft-text calibration`` trains on the calibration paragraphs
 only; ``--ft-packages`` adds every prose paragraph of those installed packages'
@@ -158,7 +158,7 @@ def main() -> None:
                          "standard library's other docstrings (stdlib), or the calibration paragraphs only")
     ap.add_argument("--ft-packages", nargs="*", default=[],
                     help="installed packages whose docstring paragraphs extend the fine-tune's text "
-                         "(default none: the calibration paragraphs only)")
+                         "(default none)")
     ap.add_argument("--hidden-weight", type=float, default=0.0,
                     help="weight of the intermediate layers' token-state MSE in the fine-tune's loss")
     ap.add_argument("--methods", nargs="*", default=None)
@@ -172,9 +172,8 @@ def main() -> None:
     model, tok = load_minilm()
     texts = stdlib_paragraphs(members=True)
     calib_texts, eval_half = split_texts(texts, seed=0)
-    eval_texts = eval_half
     held_texts = calib_texts[args.calibration:args.calibration + args.heldout]
-    calib_texts, eval_texts = calib_texts[:args.calibration], eval_texts[:args.eval]
+    calib_texts, eval_texts = calib_texts[:args.calibration], eval_half[:args.eval]
     if len(held_texts) < args.heldout:
         raise SystemExit(f"not enough text: {len(texts)} paragraphs")
     # batches of texts of similar length: the moments do not depend on the batching, and padding
