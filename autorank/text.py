@@ -315,7 +315,10 @@ def stdlib_prose(exclude: Iterable[str] = (), min_words: int = 4, max_words: int
     if isinstance(exclude, str):
         raise TypeError("exclude must be a collection of strings, not a single string")
     _check_word_bounds(min_words, max_words)
-    banned = set(exclude)
+    try:
+        banned = set(exclude)
+    except TypeError:
+        raise TypeError(f"exclude must be a collection of strings, got {type(exclude).__name__}") from None
     seen: set[str] = set()
     out: list[str] = []
     for _, _, doc in _stdlib_docstrings("all"):

@@ -414,7 +414,8 @@ def test_stdlib_prose_excludes_whole_docstrings_by_their_first_paragraph():
     assert later[0] not in cut2 and first in cut2 and len(cut2) == len(full) - 1
 
 
-@pytest.mark.parametrize("bad, err", [(dict(exclude="text"), TypeError), (dict(min_words=0), ValueError),
+@pytest.mark.parametrize("bad, err", [(dict(exclude="text"), TypeError), (dict(exclude=None), TypeError),
+                                      (dict(exclude=3), TypeError), (dict(min_words=0), ValueError),
                                       (dict(min_words=10, max_words=9), ValueError)])
 def test_stdlib_prose_rejects_bad_arguments(bad, err):
     with pytest.raises(err):
