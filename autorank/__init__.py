@@ -13,6 +13,7 @@ from .allocators import AllocationContext, available_allocators, register_alloca
 from .api import CompressStep, OptimizeResult, allocate, make_plan, optimize, solve_curves
 from .config import CurveConfig, SolverConfig
 from .curves import LayerCurves, build_curves
+from .distill import EncoderDistill
 from .finetune import Finetune
 from .families import Family, available_families, get_family, register_family
 from .graph import LayerGraph, LayerInfo, analyze, count_flops, count_params
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "optimize",
     "Finetune",
+    "EncoderDistill",
     "Refine",
     "AllocationContext",
     "errors",

@@ -38,9 +38,10 @@ they are), and the methods are:
 * ``autorank-data-norefit`` -- the ``autorank-data`` plan realised without the
   sequential refit (the two-sided factors of the original inputs): the refit's ablation;
 * ``autorank-data+ft`` -- the ``autorank-data`` model, then a short distillation
-  fine-tune on the unlabelled text above (cosine + MSE to the original's embeddings,
-  MSE of the token states), at most ``--finetune-minutes`` of wall time, the teacher's
-  forward passes included; its time column adds the compression's.
+  fine-tune on the unlabelled text above (:class:`autorank.EncoderDistill`: cosine + MSE
+  to the original's embeddings, MSE of the token states, AdamW with a cosine decay,
+  dropout off unless ``--ft-dropout``), at most ``--finetune-minutes`` of wall time, the
+  teacher's forward passes included; its time column adds the compression's.
 
 Printed per row: Linear parameters kept, mean and minimum cosine similarity of the
 mean-pooled sentence embeddings to the original's on the evaluation texts, and
@@ -52,7 +53,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import math
 import os
 import time
 
@@ -63,6 +63,7 @@ import torch  # noqa: E402
 
 import autorank  # noqa: E402
 from autorank.calibration import collect_moments, collect_output_moments  # noqa: E402
+from autorank.distill import mean_pool  # noqa: E402
 from autorank.text import (  # noqa: E402
     docstring_paragraphs,
     embedding_agreement,
@@ -73,73 +74,6 @@ from autorank.text import (  # noqa: E402
     stdlib_prose,
     tokenize_batches,
 )
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-
-
-def distill(model, teacher, batches, minutes: float, lr: float, warmup: float = 0.0, hidden_weight: float = 0.0,
-            seed: int = 0) -> int:
-    """Fine-tune ``model`` in place to match ``teacher`` for ``minutes`` of wall time; returns the steps.
-
-    Loss per batch: ``1 - cos + MSE`` of the pooled embeddings, plus the MSE of the final
-    token states, plus ``hidden_weight`` times the mean MSE of the intermediate layers'
-    token states (padding left out everywhere).  The teacher's outputs are computed the
-    first time a batch is visited and kept, inside the time budget.  AdamW over every
-    parameter but the embeddings (which compression left as they were); the learning
-    rate follows the elapsed fraction of the budget: a linear warm-up over the first
-    ``warmup`` of it, then cosine decay to zero at the deadline.  Batches are visited in
-    a seeded random order each epoch, with dropout on.
-    """
-    mse = torch.nn.functional.mse_loss
-    torch.manual_seed(seed)
-    for p in model.embeddings.parameters():
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    order = torch.Generator().manual_seed(seed)
-    budget = minutes * 60
-    hidden = hidden_weight > 0
-    cache: dict[int, tuple] = {}
-    t_start = time.perf_counter()
-    steps, epoch = 0, 0
-    model.train()
-    while time.perf_counter() - t_start < budget:
-        for i in torch.randperm(len(batches), generator=order).tolist():
-            frac = (time.perf_counter() - t_start) / budget
-            if frac >= 1:
-                break
-            scale = frac / warmup if frac < warmup else 0.5 * (1 + math.cos(math.pi * (frac - warmup) / (1 - warmup)))
-            for g in opt.param_groups:
-                g["lr"] = lr * scale
-            batch = batches[i]
-            keep = batch["attention_mask"].bool()
-            if i not in cache:
-                with torch.no_grad():
-                    t_out = teacher(**batch, output_hidden_states=hidden)
-                cache[i] = (t_out.last_hidden_state, mean_pool(t_out.last_hidden_state, batch["attention_mask"]),
-                            [h[keep] for h in t_out.hidden_states[1:-1]] if hidden else [])
-            t_last, target, t_mid = cache[i]
-            s_out = model(**batch, output_hidden_states=hidden)
-            out = s_out.last_hidden_state
-            emb = mean_pool(out, batch["attention_mask"])
-            loss = (1 - torch.nn.functional.cosine_similarity(emb, target, dim=-1)).mean() + mse(emb, target) \
-                + mse(out[keep], t_last[keep])
-            if hidden:
-                loss = loss + hidden_weight * sum(mse(h[keep], t) for h, t in zip(s_out.hidden_states[1:-1], t_mid)) \
-                    / len(t_mid)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-        epoch += 1
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    logging.info("distillation: %d steps, %d epochs, %.1fs", steps, epoch, time.perf_counter() - t_start)
-    return steps
 
 
 def main() -> None:
@@ -161,6 +95,8 @@ def main() -> None:
                          "(default none)")
     ap.add_argument("--hidden-weight", type=float, default=0.0,
                     help="weight of the intermediate layers' token-state MSE in the fine-tune's loss")
+    ap.add_argument("--ft-dropout", action="store_true",
+                    help="fine-tune with the model's dropout on (off by default: the teacher is deterministic)")
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--calibration", type=int, default=1024)
     ap.add_argument("--heldout", type=int, default=64)
@@ -261,8 +197,9 @@ def main() -> None:
             if "autorank-data+ft" in methods and keep in args.finetune_keep:
                 student = copy.deepcopy(res.model)
                 t = time.perf_counter()
-                distill(student, model, ft_batches, args.finetune_minutes, args.lr, warmup=args.warmup,
-                        hidden_weight=args.hidden_weight)
+                autorank.EncoderDistill(minutes=args.finetune_minutes, lr=args.lr, warmup=args.warmup,
+                                        hidden_weight=args.hidden_weight, dropout=args.ft_dropout)(
+                    student, model, ft_batches)
                 record(keep, "autorank-data+ft", student, res.plan, seconds + time.perf_counter() - t)
     print()
     print("\n".join(rows))
