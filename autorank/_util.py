@@ -19,6 +19,26 @@ def show_progress(enabled: bool | None) -> bool:
     return sys.stderr is not None and sys.stderr.isatty()
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run the block with the CPU generator (and ``device``'s, if CUDA) seeded with ``seed``; restore them after.
+
+    Only the generators that are forked are seeded, so the global random state of the
+    CPU and of every GPU is the same after the block as before it.  ``seed=None`` forks
+    without seeding.
+    """
+    cuda = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+            for index in cuda:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
+        yield
+
+
 def progress_bar(items: Iterable[T], desc: str, enabled: bool | None = None, total: int | None = None) -> Iterable[T]:
     """Wrap ``items`` in a tqdm bar when ``enabled`` (``None``: only if stderr is a terminal)."""
     if not show_progress(enabled):

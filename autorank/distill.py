@@ -44,12 +44,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._util import show_progress
+from ._util import seeded_rng, show_progress
 from .finetune import _is_int, _is_positive_finite, _is_real, _to_device, module_device
 
-__all__ = ["EncoderDistill", "mean_pool", "lr_scale"]
+__all__ = ["EncoderDistill", "mean_pool", "lr_scale", "budget_fraction"]
 
 logger = logging.getLogger(__name__)
+
+Target = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]
+"""The teacher's outputs for one batch: token states at the real tokens, pooled embeddings, intermediate states."""
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -65,10 +68,70 @@ def lr_scale(frac: float, warmup: float) -> float:
     zero at its end: :math:`f/w` for :math:`f < w`, else
     :math:`\tfrac12\big(1 + \cos(\pi (f - w)/(1 - w))\big)`.
     """
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
     frac = min(max(frac, 0.0), 1.0)
     if frac < warmup:
         return frac / warmup
     return 0.5 * (1.0 + math.cos(math.pi * (frac - warmup) / (1.0 - warmup)))
+
+
+def budget_fraction(elapsed_s: float, steps: int, budget_s: float | None, max_steps: int | None) -> float:
+    """How much of the budget is spent: the larger of the time and step fractions given."""
+    fracs = [elapsed_s / budget_s] if budget_s is not None else []
+    if max_steps is not None:
+        fracs.append(steps / max_steps)
+    if not fracs:
+        raise ValueError("budget_fraction needs budget_s, max_steps or both, got neither")
+    return max(fracs)
+
+
+def _check_models(student: nn.Module, teacher: nn.Module) -> None:
+    for name, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    if student is teacher:
+        raise ValueError("student and teacher are the same module; distil a copy")
+    teacher_params = {id(p): n for n, p in teacher.named_parameters()}
+    for name, p in student.named_parameters():
+        if id(p) in teacher_params:
+            raise ValueError(f"the student's parameter {name!r} is the teacher's {teacher_params[id(p)]!r}; "
+                             "training would change the teacher: distil a deep copy")
+
+
+def _check_batches(batches: Any) -> None:
+    if isinstance(batches, (str, bytes, Mapping)) or not isinstance(batches, Sequence):
+        raise TypeError(f"batches must be a sequence of dict batches, got {type(batches).__name__}")
+    if len(batches) == 0:
+        raise ValueError("batches is empty")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batches[{i}] must be a dict of tensors, got {type(batch).__name__}")
+        if "attention_mask" not in batch:
+            raise ValueError(f"batches[{i}] has no 'attention_mask'; its keys are {sorted(batch)}")
+
+
+def _freeze_embeddings(model: nn.Module) -> list[nn.Parameter]:
+    """Set ``requires_grad=False`` on every ``nn.Embedding``'s weight; return the parameters left to train."""
+    frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    params = []
+    for p in model.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+        elif p.requires_grad:
+            params.append(p)
+    if not params:
+        raise ValueError("the student has no trainable parameters outside its nn.Embedding tables")
+    return params
+
+
+def _hidden_states(out: Any, who: str) -> tuple[torch.Tensor, ...]:
+    """The intermediate layers' states of an ``output_hidden_states=True`` output (not the first or last)."""
+    states = getattr(out, "hidden_states", None)
+    if states is None or len(states) < 3:
+        raise ValueError(f"hidden_weight > 0 needs a {who} that returns hidden_states (with output_hidden_states="
+                         f"True) of at least one intermediate layer, got {None if states is None else len(states)}")
+    return tuple(states[1:-1])
 
 
 def _last_hidden(out: Any) -> torch.Tensor:
@@ -85,17 +148,20 @@ class EncoderDistill:
             needed; with both, training stops at the first one reached and the learning
             rate follows whichever is further along.
         lr: Peak learning rate of AdamW (no weight decay).
-        warmup: Fraction of the budget spent on a linear warm-up, in ``[0, 1)``; then a
-            cosine decay to zero at the end of the budget (:func:`lr_scale`).
+        warmup: Fraction of the budget spent on a linear warm-up from zero, in ``[0, 1)``
+            (so with a warm-up the first step changes nothing); then a cosine decay to zero
+            at the end of the budget (:func:`lr_scale`).
         dropout: Train with the model's dropout on. Off by default: the target is a
             deterministic teacher (see the module docstring for the measured effect).
         hidden_weight: Weight ``lambda >= 0`` of the intermediate layers' token-state MSE;
             ``> 0`` calls both models with ``output_hidden_states=True``.
         freeze_embeddings: Leave every ``nn.Embedding`` of the student as it is
             (compression usually leaves them dense and exact).
-        cache_teacher: Keep the teacher's outputs of each batch after its first visit
-            (memory: the batches' real tokens x width x 4 bytes, times the layers matched).
-        seed: Seed of the batch order and of dropout.
+        cache_teacher: Keep the teacher's outputs of each batch after its first visit, in
+            float32 (memory: the batches' real tokens x width x 4 bytes, times 1 + the
+            intermediate layers matched, plus the pooled embeddings).
+        seed: Seed of the batch order and of dropout; the global random state is left as
+            it was.
         progress: ``True`` always shows a tqdm bar, ``False`` never, ``None`` only when
             stderr is a terminal.
     """
@@ -127,8 +193,10 @@ class EncoderDistill:
         for name in ("dropout", "freeze_embeddings", "cache_teacher"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"EncoderDistill.{name} must be a bool, got {getattr(self, name)!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"EncoderDistill.seed must be an int >= 0, got {self.seed!r}")
+        if not _is_int(self.seed):
+            raise TypeError(f"EncoderDistill.seed must be an int, got {self.seed!r}")
+        if self.seed < 0:
+            raise ValueError(f"EncoderDistill.seed must be >= 0, got {self.seed!r}")
         if self.progress is not None and not isinstance(self.progress, bool):
             raise TypeError(f"EncoderDistill.progress must be True, False or None, got {self.progress!r}")
 
@@ -137,10 +205,11 @@ class EncoderDistill:
         """Train ``student`` in place towards ``teacher``; return a summary of the run.
 
         Args:
-            student: The compressed model. It trains on its own device and is left in
-                eval mode, with ``requires_grad`` as it was, also if training fails.
-            teacher: The original model; it runs in eval mode under ``no_grad`` (its
-                training mode is restored afterwards) and is never changed.
+            student: The compressed model, sharing no parameter with ``teacher``. It trains
+                on its own device and is left in eval mode, with every ``requires_grad``
+                as it was, also if training fails.
+            teacher: The original model; it runs in eval mode under ``no_grad`` (every
+                module's training mode is restored afterwards) and is never changed.
             batches: A sequence of keyword-argument batches with an ``attention_mask``
                 (e.g. :func:`autorank.text.tokenize_batches`), visited in a seeded random
                 order each epoch.
@@ -150,59 +219,31 @@ class EncoderDistill:
         """
         from tqdm.auto import tqdm
 
-        for name, model in (("student", student), ("teacher", teacher)):
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
-        if student is teacher:
-            raise ValueError("student and teacher are the same module; distil a copy")
-        if isinstance(batches, (str, bytes, Mapping)) or not isinstance(batches, Sequence):
-            raise TypeError(f"batches must be a sequence of dict batches, got {type(batches).__name__}")
-        if len(batches) == 0:
-            raise ValueError("batches is empty")
-        for i, batch in enumerate(batches):
-            if not isinstance(batch, Mapping) or "attention_mask" not in batch:
-                raise ValueError(f"batches[{i}] must be a dict of tensors with an 'attention_mask'")
-
+        _check_models(student, teacher)
+        _check_batches(batches)
         device = module_device(student)
-        frozen = {id(p) for m in student.modules() if isinstance(m, nn.Embedding) for p in m.parameters()} \
-            if self.freeze_embeddings else set()
-        grads = {p: p.requires_grad for p in student.parameters()}
-        for p in student.parameters():
-            if id(p) in frozen:
-                p.requires_grad_(False)
-        params = [p for p in student.parameters() if p.requires_grad]
-        if not params:
-            for p, g in grads.items():
-                p.requires_grad_(g)
-            raise ValueError("the student has no trainable parameters (outside its embeddings)")
-
         hidden = self.hidden_weight > 0
         budget_s = None if self.minutes is None else 60.0 * self.minutes
-        teacher_was_training = teacher.training
+        grads = {p: p.requires_grad for p in student.parameters()}
+        modes = {m: m.training for m in teacher.modules()}
         order_gen = torch.Generator().manual_seed(self.seed)
-        cache: dict[int, tuple] = {}
+        cache: dict[int, Target] = {}
         steps = 0
         loss_sum, last = 0.0, float("nan")
-        bar = tqdm(total=self.max_steps, desc="distil", disable=not show_progress(self.progress), leave=False)
+        bar = None
         start = time.perf_counter()
-
-        def progress() -> float:
-            fracs = []
-            if budget_s is not None:
-                fracs.append((time.perf_counter() - start) / budget_s)
-            if self.max_steps is not None:
-                fracs.append(steps / self.max_steps)
-            return max(fracs)
-
         try:
-            with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-                torch.manual_seed(self.seed)
+            params = _freeze_embeddings(student) if self.freeze_embeddings else \
+                [p for p in student.parameters() if p.requires_grad]
+            bar = tqdm(total=self.max_steps, desc="distil", disable=not show_progress(self.progress), leave=False)
+            with seeded_rng(self.seed, device):
                 opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
                 teacher.eval()
                 student.train(self.dropout)
-                while progress() < 1:
+                start = time.perf_counter()
+                while budget_fraction(time.perf_counter() - start, steps, budget_s, self.max_steps) < 1:
                     for i in torch.randperm(len(batches), generator=order_gen).tolist():
-                        frac = progress()
+                        frac = budget_fraction(time.perf_counter() - start, steps, budget_s, self.max_steps)
                         if frac >= 1:
                             break
                         for group in opt.param_groups:
@@ -212,58 +253,55 @@ class EncoderDistill:
                         if self.cache_teacher:
                             cache[i] = target
                         loss = self._loss(student, batch, target, hidden)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
                         last = float(loss.detach())
                         if not math.isfinite(last):
                             raise FloatingPointError(
-                                f"distillation diverged at step {steps} (loss {last}, lr={self.lr:g}); "
-                                "the student's weights are no longer usable")
+                                f"distillation diverged at step {steps} (loss {last}, lr={self.lr:g}); the "
+                                "student keeps the weights of the step before")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
                         loss_sum += last
                         steps += 1
                         bar.update(1)
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             student.eval()
-            teacher.train(teacher_was_training)
+            for module, mode in modes.items():
+                module.training = mode
             for p, g in grads.items():
                 p.requires_grad_(g)
         elapsed = time.perf_counter() - start
+        mean = loss_sum / steps if steps else float("nan")
         logger.info("distillation: %d steps, %.2f epochs, %.1fs, mean loss %.4g, final loss %.4g",
-                    steps, steps / len(batches), elapsed, loss_sum / max(steps, 1), last)
-        return {"steps": steps, "epochs": steps / len(batches), "time_s": elapsed,
-                "mean_loss": loss_sum / steps if steps else float("nan"), "final_loss": last}
+                    steps, steps / len(batches), elapsed, mean, last)
+        return {"steps": steps, "epochs": steps / len(batches), "time_s": elapsed, "mean_loss": mean,
+                "final_loss": last}
 
     @staticmethod
-    def _teacher_outputs(teacher: nn.Module, batch: dict, hidden: bool) -> tuple:
-        """The teacher's last token states, pooled embedding and intermediate states at the real tokens."""
+    def _teacher_outputs(teacher: nn.Module, batch: dict[str, torch.Tensor], hidden: bool) -> Target:
+        """The teacher's last token states at the real tokens, pooled embeddings and intermediate states, in float32."""
         keep = batch["attention_mask"].bool()
+        inputs = _to_device(batch, module_device(teacher))
         with torch.no_grad():
-            out = teacher(**_to_device(batch, module_device(teacher)), output_hidden_states=True) if hidden \
-                else teacher(**_to_device(batch, module_device(teacher)))
-        last = _last_hidden(out).to(keep.device)
-        mid = []
-        if hidden:
-            states = getattr(out, "hidden_states", None)
-            if states is None or len(states) < 3:
-                raise ValueError("hidden_weight > 0 needs a model that returns hidden_states (with "
-                                 "output_hidden_states=True) of at least one intermediate layer")
-            mid = [h.to(keep.device)[keep] for h in states[1:-1]]
+            out = teacher(**inputs, output_hidden_states=True) if hidden else teacher(**inputs)
+        last = _last_hidden(out).to(keep.device, torch.float32)
+        mid = [h.to(keep.device, torch.float32)[keep] for h in _hidden_states(out, "teacher")] if hidden else []
         return last[keep], mean_pool(last, batch["attention_mask"]), mid
 
-    def _loss(self, student: nn.Module, batch: dict, target: tuple, hidden: bool) -> torch.Tensor:
+    def _loss(self, student: nn.Module, batch: dict[str, torch.Tensor], target: Target, hidden: bool) -> torch.Tensor:
         """The loss of the module docstring for one batch."""
         t_tokens, t_pooled, t_mid = target
         keep = batch["attention_mask"].bool()
         out = student(**batch, output_hidden_states=True) if hidden else student(**batch)
-        last = _last_hidden(out)
+        last = _last_hidden(out).float()
         pooled = mean_pool(last, batch["attention_mask"])
         loss = (1 - F.cosine_similarity(pooled, t_pooled, dim=-1)).mean() + F.mse_loss(pooled, t_pooled) \
             + F.mse_loss(last[keep], t_tokens)
         if hidden:
-            mid = out.hidden_states[1:-1]
+            mid = _hidden_states(out, "student")
             if len(mid) != len(t_mid):
                 raise ValueError(f"the student returns {len(mid)} intermediate hidden states, the teacher {len(t_mid)}")
-            loss = loss + self.hidden_weight * sum(F.mse_loss(h[keep], t) for h, t in zip(mid, t_mid)) / len(mid)
+            loss = loss + self.hidden_weight * sum(F.mse_loss(h.float()[keep], t) for h, t in zip(mid, t_mid)) / len(mid)
         return loss

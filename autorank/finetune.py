@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ._util import show_progress
+from ._util import seeded_rng, show_progress
 
 __all__ = ["Finetune", "distillation_loss"]
 
@@ -223,9 +223,6 @@ class Finetune:
 
         teacher_was_training = teacher.training if teacher is not None else False
         loss_fn = self.loss_fn if self.loss_fn is not None else F.cross_entropy
-        rng_devices = []
-        if device.type == "cuda":
-            rng_devices.append(device.index if device.index is not None else torch.cuda.current_device())
 
         logger.info(
             "finetune round %d: %d steps on %s (lr=%g, %s, %s schedule%s)",
@@ -237,9 +234,7 @@ class Finetune:
         last_loss = torch.full((), float("nan"), dtype=torch.float64, device=device)
         done = 0
         try:
-            with torch.random.fork_rng(devices=rng_devices):
-                if seed is not None:
-                    torch.manual_seed(seed)
+            with seeded_rng(seed, device):
                 model.to(device)
                 optimizer = self._optimizer([p for p in model.parameters() if p.requires_grad])
                 scheduler = torch.optim.lr_scheduler.LambdaLR(

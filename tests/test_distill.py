@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import autorank
-from autorank.distill import EncoderDistill, lr_scale, mean_pool
+from autorank.distill import EncoderDistill, budget_fraction, lr_scale, mean_pool
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,6 +66,24 @@ def state(model) -> dict[str, torch.Tensor]:
 ])
 def test_lr_scale_warms_up_linearly_then_decays_by_cosine(frac, warmup, expected):
     assert lr_scale(frac, warmup) == pytest.approx(expected, abs=1e-12)
+
+
+def test_lr_scale_rejects_a_warmup_outside_0_1():
+    with pytest.raises(ValueError, match="warmup"):
+        lr_scale(0.5, 1.0)
+
+
+@pytest.mark.parametrize("elapsed,steps,budget_s,max_steps,expected", [
+    (30.0, 0, 60.0, None, 0.5), (0.0, 5, None, 10, 0.5), (30.0, 9, 60.0, 10, 0.9), (45.0, 1, 60.0, 10, 0.75),
+    (61.0, 0, 60.0, 1000, 61 / 60),
+])
+def test_budget_fraction_is_the_further_along_of_time_and_steps(elapsed, steps, budget_s, max_steps, expected):
+    assert budget_fraction(elapsed, steps, budget_s, max_steps) == pytest.approx(expected)
+
+
+def test_budget_fraction_needs_a_budget():
+    with pytest.raises(ValueError, match="neither"):
+        budget_fraction(1.0, 1, None, None)
 
 
 def test_mean_pool_ignores_padded_positions():
@@ -158,7 +176,8 @@ def test_a_spent_time_budget_takes_no_step(pair):
     ({"max_steps": 5, "lr": 0}, ValueError), ({"max_steps": 5, "warmup": 1.0}, ValueError),
     ({"max_steps": 5, "warmup": -0.1}, ValueError), ({"max_steps": 5, "hidden_weight": -1}, ValueError),
     ({"max_steps": 5, "dropout": "no"}, TypeError), ({"max_steps": 5, "cache_teacher": 1}, TypeError),
-    ({"max_steps": 5, "seed": -1}, ValueError), ({"max_steps": 5, "progress": "yes"}, TypeError),
+    ({"max_steps": 5, "seed": -1}, ValueError), ({"max_steps": 5, "seed": "0"}, TypeError),
+    ({"max_steps": 5, "progress": "yes"}, TypeError),
 ])
 def test_config_rejects_bad_values(kwargs, err):
     with pytest.raises(err, match="budget" if not kwargs else next(iter(kwargs)) if len(kwargs) == 1
@@ -177,5 +196,52 @@ def test_call_rejects_bad_arguments(pair):
         cfg(copy.deepcopy(compressed), teacher, BATCHES[0])
     with pytest.raises(ValueError, match="empty"):
         cfg(copy.deepcopy(compressed), teacher, [])
-    with pytest.raises(ValueError, match=r"batches\[1\]"):
+    with pytest.raises(ValueError, match=r"batches\[1\] has no 'attention_mask'"):
         cfg(copy.deepcopy(compressed), teacher, [BATCHES[0], {"input_ids": BATCHES[1]["input_ids"]}])
+    with pytest.raises(TypeError, match=r"batches\[0\] must be a dict of tensors, got Tensor"):
+        cfg(copy.deepcopy(compressed), teacher, [BATCHES[0]["input_ids"]])
+    sharing = copy.deepcopy(compressed)
+    sharing.pooler = teacher.pooler
+    with pytest.raises(ValueError, match="pooler.dense.weight"):
+        cfg(sharing, teacher, BATCHES)
+
+
+def test_both_budgets_stop_at_the_first_and_warmup_changes_the_run(pair):
+    teacher, compressed = pair
+    runs = {}
+    for name, cfg in {"plain": EncoderDistill(minutes=60, max_steps=5, lr=1e-3),
+                      "warmup": EncoderDistill(minutes=60, max_steps=5, lr=1e-3, warmup=0.5)}.items():
+        student = copy.deepcopy(compressed)
+        assert cfg(student, teacher, BATCHES)["steps"] == 5
+        runs[name] = state(student)
+    assert any(not torch.equal(runs["plain"][k], runs["warmup"][k]) for k in runs["plain"])
+
+
+def test_global_random_state_and_every_flag_are_restored_also_on_failure(pair):
+    teacher, compressed = pair
+    teacher = copy.deepcopy(teacher).train()
+    teacher.encoder.layer[0].eval()  # a mixed-mode teacher must come back mixed
+    modes = {n: m.training for n, m in teacher.named_modules()}
+    student = copy.deepcopy(compressed)
+    student.encoder.layer[1].output.dense.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    rng = torch.get_rng_state()
+    EncoderDistill(max_steps=3, dropout=True)(student, teacher, BATCHES)
+    bad = dict(BATCHES[1], input_ids=BATCHES[1]["input_ids"] + VOCAB)  # out of the vocabulary: fails in forward
+    with pytest.raises(IndexError):
+        EncoderDistill(max_steps=30)(student, teacher, [BATCHES[0], bad])
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {n: m.training for n, m in teacher.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
+    assert not student.training
+
+
+def test_a_non_finite_loss_stops_before_the_step(pair):
+    teacher, compressed = pair
+    student = copy.deepcopy(compressed)
+    with torch.no_grad():
+        student.encoder.layer[1].output.LayerNorm.bias[0] = float("nan")
+    before = state(student)
+    with pytest.raises(FloatingPointError, match="step 0"):
+        EncoderDistill(max_steps=3)(student, teacher, BATCHES)
+    assert all(torch.equal(v, before[k]) for k, v in state(student).items() if not torch.isnan(v).any())

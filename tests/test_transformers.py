@@ -539,18 +539,18 @@ def test_minilm_compressed_with_calibration_keeps_sentence_embeddings(monkeypatc
     assert len(graph.layers) == 6 * 6 and all(l.kind == "linear" for l in graph.layers.values())
     linear = sum(l.dense_params for l in graph.layers.values())
     budget = (graph.total_params - (1 - LINEAR_KEPT) * linear) / graph.total_params
-    figures = {}
-    for name, batches, weighted in (("calibration", calibration, False), ("weight-only", None, False),
-                                    ("output-weighted", calibration, True)):
+    figures, models = {}, {}
+    for name, batches, weighted in (("calibration", calibration, False), ("output-weighted", calibration, True),
+                                    ("weight-only", None, False)):
         result = autorank.optimize(model, budget, calibration[0], exclude=exclude, calibration=batches,
                                    output_weighting=weighted, progress=False)
         kept = sum(lp.params if lp.compressed else lp.dense_params for lp in result.plan.layers.values())
         assert kept <= LINEAR_KEPT * linear * 1.0001
         assert autorank.count_params(result.model) <= budget * graph.total_params
         figures[name] = text.embedding_agreement(reference, text.encode(result.model, tok, eval_texts))
-        compressed = result.model
+        models[name] = result.model
     # a short unlabelled distillation of the output-weighted model on the calibration text
-    student = copy.deepcopy(compressed)
+    student = copy.deepcopy(models["output-weighted"])
     report = autorank.EncoderDistill(max_steps=DISTILL_STEPS)(
         student, model, text.tokenize_batches(tok, calibration_texts, batch_size=32, by_length=True))
     assert report["steps"] == DISTILL_STEPS
