@@ -47,7 +47,7 @@ from torch import nn
 from ._util import seeded_rng, show_progress
 from .finetune import _is_int, _is_positive_finite, _is_real, _to_device, module_device
 
-__all__ = ["EncoderDistill", "mean_pool", "lr_scale", "budget_fraction"]
+__all__ = ["EncoderDistill", "mean_pool", "last_hidden", "lr_scale", "budget_fraction"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,8 @@ def _hidden_states(out: Any, who: str) -> tuple[torch.Tensor, ...]:
     return tuple(states[1:-1])
 
 
-def _last_hidden(out: Any) -> torch.Tensor:
+def last_hidden(out: Any) -> torch.Tensor:
+    """The last token states of an encoder's output: ``last_hidden_state``, else its first element."""
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -286,7 +287,7 @@ class EncoderDistill:
         inputs = _to_device(batch, module_device(teacher))
         with torch.no_grad():
             out = teacher(**inputs, output_hidden_states=True) if hidden else teacher(**inputs)
-        last = _last_hidden(out).to(keep.device, torch.float32)
+        last = last_hidden(out).to(keep.device, torch.float32)
         mid = [h.to(keep.device, torch.float32)[keep] for h in _hidden_states(out, "teacher")] if hidden else []
         return last[keep], mean_pool(last, batch["attention_mask"]), mid
 
@@ -295,7 +296,7 @@ class EncoderDistill:
         t_tokens, t_pooled, t_mid = target
         keep = batch["attention_mask"].bool()
         out = student(**batch, output_hidden_states=True) if hidden else student(**batch)
-        last = _last_hidden(out).float()
+        last = last_hidden(out).float()
         pooled = mean_pool(last, batch["attention_mask"])
         loss = (1 - F.cosine_similarity(pooled, t_pooled, dim=-1)).mean() + F.mse_loss(pooled, t_pooled) \
             + F.mse_loss(last[keep], t_tokens)

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distill import last_hidden, mean_pool
+
 __all__ = [
     "minilm_path",
     "load_minilm",
@@ -455,9 +457,7 @@ def encode(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: i
             for batch in tokenize_batches(tokenizer, [texts[i] for i in order], batch_size, max_length):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = model(**batch)
-                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+                pooled = mean_pool(last_hidden(out), batch["attention_mask"])
                 if normalize:
                     pooled = F.normalize(pooled, p=2, dim=1)
                 chunks.append(pooled.float().cpu())
