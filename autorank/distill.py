@@ -232,7 +232,6 @@ class EncoderDistill:
         steps = 0
         loss_sum, last = 0.0, float("nan")
         bar = None
-        start = time.perf_counter()
         try:
             params = _freeze_embeddings(student) if self.freeze_embeddings else \
                 [p for p in student.parameters() if p.requires_grad]
