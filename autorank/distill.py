@@ -111,9 +111,10 @@ def _check_batches(batches: Any) -> None:
             raise ValueError(f"batches[{i}] has no 'attention_mask'; its keys are {sorted(batch)}")
 
 
-def _freeze_embeddings(model: nn.Module) -> list[nn.Parameter]:
-    """Set ``requires_grad=False`` on every ``nn.Embedding``'s weight; return the parameters left to train."""
-    frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+def _trainable(model: nn.Module, freeze_embeddings: bool) -> list[nn.Parameter]:
+    """The parameters to train; with ``freeze_embeddings``, every ``nn.Embedding``'s weight is set frozen first."""
+    frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()} \
+        if freeze_embeddings else set()
     params = []
     for p in model.parameters():
         if id(p) in frozen:
@@ -121,7 +122,8 @@ def _freeze_embeddings(model: nn.Module) -> list[nn.Parameter]:
         elif p.requires_grad:
             params.append(p)
     if not params:
-        raise ValueError("the student has no trainable parameters outside its nn.Embedding tables")
+        where = " outside its nn.Embedding tables" if freeze_embeddings else ""
+        raise ValueError(f"the student has no parameters with requires_grad=True{where}; nothing to train")
     return params
 
 
@@ -233,8 +235,7 @@ class EncoderDistill:
         loss_sum, last = 0.0, float("nan")
         bar = None
         try:
-            params = _freeze_embeddings(student) if self.freeze_embeddings else \
-                [p for p in student.parameters() if p.requires_grad]
+            params = _trainable(student, self.freeze_embeddings)
             bar = tqdm(total=self.max_steps, desc="distil", disable=not show_progress(self.progress), leave=False)
             with seeded_rng(self.seed, device):
                 opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)

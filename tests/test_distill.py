@@ -245,3 +245,13 @@ def test_a_non_finite_loss_stops_before_the_step(pair):
     with pytest.raises(FloatingPointError, match="step 0"):
         EncoderDistill(max_steps=3)(student, teacher, BATCHES)
     assert all(torch.equal(v, before[k]) for k, v in state(student).items() if not torch.isnan(v).any())
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_student_with_nothing_to_train_is_a_clear_error_and_comes_back_unchanged(pair, freeze):
+    teacher, compressed = pair
+    student = copy.deepcopy(compressed).requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        EncoderDistill(max_steps=2, freeze_embeddings=freeze)(student, teacher, BATCHES)
+    assert not any(p.requires_grad for p in student.parameters())
+    assert all(torch.equal(v, compressed.state_dict()[k]) for k, v in student.state_dict().items())
