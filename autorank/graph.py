@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .layers import get_layer_handler, kernel_numel
 
-__all__ = ["LayerInfo", "LayerGraph", "analyze", "run_model", "count_params", "count_flops"]
+__all__ = ["LayerInfo", "LayerGraph", "analyze", "run_model", "replace_module", "count_params", "count_flops"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,13 @@ class LayerGraph:
     @property
     def fixed_flops(self) -> int:
         return max(0, self.total_flops - sum(l.dense_flops for l in self.layers.values()))
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the qualified ``name`` inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def run_model(model: nn.Module, example_inputs: Any) -> Any:
