@@ -13,12 +13,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .allocators import allocate, solve_curves
 from .config import CurveConfig, SolverConfig, check_budget, check_metric
 from .curves import LayerCurves, build_curves
 from .graph import LayerGraph, analyze, count_flops, count_params
 from .plan import LayerPlan, Plan
 from .realize import realize
-from .solver import Infeasible, network_bound, solve_minmax, solve_sum_dp, solve_sum_lagrangian
+from .solver import network_bound
 
 __all__ = ["optimize", "allocate", "solve_curves", "make_plan", "fixed_cost", "measure_totals",
            "OptimizeResult", "CompressStep"]
@@ -121,80 +122,6 @@ def _as_config(value: Any, cls: type, name: str):
     if isinstance(value, Mapping):
         return cls(**value)
     raise TypeError(f"{name} must be a {cls.__name__}, a dict of its fields or None, got {type(value).__name__}")
-
-
-def solve_curves(
-    curves: Mapping[str, LayerCurves],
-    budget: float,
-    metric: str,
-    total: int,
-    fixed: int,
-    solver: SolverConfig | None = None,
-) -> dict[str, int]:
-    """The ALDS global step (:mod:`autorank.solver`) over the curves; raises ``Infeasible``."""
-    solver = solver or SolverConfig()
-    names = list(curves)
-    errors = [curves[n].error for n in names]
-    costs = [curves[n].cost(metric).astype(np.float64) for n in names]
-    room = budget * total - fixed
-    if solver.objective == "max":
-        choice, _ = solve_minmax(errors, costs, room, fill=solver.fill)
-    elif solver.method == "dp":
-        choice = solve_sum_dp(errors, costs, room, bins=solver.dp_bins)
-    else:
-        choice = solve_sum_lagrangian(errors, costs, room)
-    return {n: int(c) for n, c in zip(names, choice)}
-
-
-def allocate(
-    curves: Mapping[str, LayerCurves],
-    budget: float,
-    metric: str,
-    total: int,
-    fixed: int,
-    solver: SolverConfig | None = None,
-    allocator: Any = "alds",
-    **context: Any,
-) -> tuple[dict[str, int], float]:
-    """The global step: one candidate index per layer with ``fixed + sum(cost) <= budget * total``.
-
-    ``allocator`` names a registered allocator (``available_allocators()``) or is a
-    callable taking an :class:`autorank.allocators.AllocationContext`; ``context``
-    fills that context's optional fields (``model``, ``example_inputs``, ``moments``,
-    ``evaluate``, ``cache``) for allocators that use data or evaluations.
-    Returns ``({layer: candidate index}, largest error)``.
-
-    Raises:
-        ValueError: the budget cannot be met; the message gives the smallest reachable budget.
-    """
-    from .allocators import AllocationContext, resolve_allocator
-
-    name, fn = resolve_allocator(allocator)
-    ctx = AllocationContext(curves=curves, budget=budget, metric=metric, total=total, fixed=fixed,
-                            solver=solver or SolverConfig(), **context)
-    try:
-        picked = fn(ctx)
-    except Infeasible as exc:
-        smallest = (fixed + exc.minimum) / total
-        raise ValueError(
-            f"budget={budget:g} of {metric} cannot be reached: the smallest reachable budget is "
-            f"{smallest:.4f} ({fixed:,} of the {total:,} {metric} cannot be compressed, and every "
-            "compressible layer is already at its cheapest candidate)"
-        ) from None
-    _check_picked(name, curves, picked, ctx)
-    worst = max((float(curves[n].error[i]) for n, i in picked.items()), default=0.0)
-    return picked, worst
-
-
-def _check_picked(name: str, curves: Mapping[str, LayerCurves], picked: Any, ctx: Any) -> None:
-    if not isinstance(picked, Mapping) or set(picked) != set(curves):
-        raise RuntimeError(f"allocator {name!r} must return one candidate index for every layer with curves")
-    for n, i in picked.items():
-        if not 0 <= int(i) < len(curves[n]):
-            raise RuntimeError(f"allocator {name!r} picked candidate {i} of layer {n!r}, which has {len(curves[n])}")
-    if ctx.cost(picked) > ctx.room * (1 + 1e-9) + 1e-6:
-        raise RuntimeError(f"allocator {name!r} went over budget: {ctx.cost(picked):,.0f} > {ctx.room:,.0f} "
-                           f"{ctx.metric} for the compressible layers")
 
 
 def fixed_cost(curves: Mapping[str, LayerCurves], metric: str, total: int) -> int:

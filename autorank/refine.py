@@ -133,7 +133,8 @@ def run_refine(work: nn.Module, budget: float, step: Any, refine: Refine) -> Any
     """Prepare once, run the Optuna study, then realise the best trial on ``work`` (in place)."""
     import optuna
 
-    from .api import _finish, allocate
+    from .allocators import allocate
+    from .api import _finish
 
     t0 = time.perf_counter()
     prep = step.prepare(work)
