@@ -214,7 +214,7 @@ class EncoderDistill:
             teacher: The original model; it runs in eval mode under ``no_grad`` (every
                 module's training mode is restored afterwards) and is never changed.
             batches: A sequence of keyword-argument batches with an ``attention_mask``
-                (e.g. :func:`autorank.text.tokenize_batches`), visited in a seeded random
+                (e.g. :func:`autorank.apps.text.tokenize_batches`), visited in a seeded random
                 order each epoch.
 
         Returns:

@@ -17,7 +17,7 @@
   follow the original's.
 
 ``transformers`` is imported inside the functions that need it, so ``import autorank``
-(and ``import autorank.text``) stays light.  Nothing is downloaded.
+(and ``import autorank.apps.text``) stays light.  Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distill import last_hidden, mean_pool
+from ..distill import last_hidden, mean_pool
 
 __all__ = [
     "minilm_path",

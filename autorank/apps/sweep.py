@@ -10,7 +10,7 @@ interrupted sweep resumes where it stopped.
 
 Models are named by a spec string resolved by :func:`load_model`:
 
-* a registered name (``"mnist_cnn"``: the trained MNIST CNN of :mod:`autorank.zoo`;
+* a registered name (``"mnist_cnn"``: the trained MNIST CNN of :mod:`autorank.apps.zoo`;
   add your own with :func:`register_model`);
 * ``"torchvision:<name>"``: an untrained torchvision model on a 1x3x224x224 input;
 * ``"pkg.module:fn"``: ``fn()`` returns a module (or ``(module, example_inputs)``),
@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .config import METRICS, CurveConfig, SolverConfig
+from ..config import METRICS, CurveConfig, SolverConfig
 
 __all__ = [
     "ModelSpec", "MethodSpec", "FinetuneSpec", "SweepConfig", "register_model", "available_models",
@@ -200,7 +200,7 @@ class MethodSpec:
     solver: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .allocators import available_allocators
+        from ..allocators import available_allocators
 
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"methods: name must be a non-empty string, got {self.name!r}")
@@ -292,7 +292,7 @@ class SweepConfig:
     latency_threads: int | None = None
 
     def __post_init__(self) -> None:
-        from .config import check_budget
+        from ..config import check_budget
 
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty spec string, got {self.model!r}")
@@ -462,12 +462,12 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
 
     Returns the results state (``{"version", "config", "baseline", "rows", ...}``).
     """
-    from . import analyze
-    from .api import allocate, fixed_cost, make_plan, measure_totals
-    from .curves import build_curves
-    from .finetune import Finetune
-    from .latency import layer_latencies, measure_latency
-    from .realize import realize
+    from .. import analyze
+    from ..api import allocate, fixed_cost, make_plan, measure_totals
+    from ..curves import build_curves
+    from ..finetune import Finetune
+    from ..latency import layer_latencies, measure_latency
+    from ..realize import realize
 
     if not isinstance(config, SweepConfig):
         config = load_config(config)

@@ -3,7 +3,7 @@
 Every ``*_figure`` function builds and returns a ``matplotlib.figure.Figure`` from
 plain data (so it can be inspected or saved by the caller); :func:`save_figure`
 writes it as PNG and SVG; :func:`plot_sweep` draws all figures of a sweep directory
-written by :func:`autorank.sweep.run_sweep`.
+written by :func:`autorank.apps.sweep.run_sweep`.
 
 Figures use the non-interactive ``Agg`` canvas directly, so nothing global
 (matplotlib's backend, pyplot state) is touched.
@@ -139,7 +139,7 @@ def allocation_figure(state: Mapping[str, Any], budget: float):
 def error_curves_figure(curves: Mapping[str, Mapping[str, Any]]):
     """Error eps(j, k) vs rank j of every layer, one line per number of groups k.
 
-    ``curves`` is :func:`autorank.sweep.curves_data` output: ``{layer: {k: {"rank", "error"}}}``.
+    ``curves`` is :func:`autorank.apps.sweep.curves_data` output: ``{layer: {k: {"rank", "error"}}}``.
     """
     names = list(curves)
     if not names:

@@ -5,7 +5,7 @@
     autorank report DIR
     autorank plot DIR [--budget B] [--method NAME]
 
-MODEL is a model spec as in sweep configs (see :func:`autorank.sweep.load_model`).
+MODEL is a model spec as in sweep configs (see :func:`autorank.apps.sweep.load_model`).
 User errors print one line, ``autorank: error: ...``, to stderr and exit with status 2
 (with ``-v`` the traceback is shown instead).
 """
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optimize(args) -> None:
     import autorank
-    from autorank.sweep import load_model
+    from autorank.apps.sweep import load_model
 
     spec = load_model(args.model, args.checkpoint, args.input_shape)
     result = autorank.optimize(spec.model, args.budget, spec.example_inputs, metric=args.metric,
@@ -100,7 +100,7 @@ def _optimize(args) -> None:
 
 
 def _sweep(args) -> None:
-    from autorank.sweep import load_config, results_table, run_sweep
+    from autorank.apps.sweep import load_config, results_table, run_sweep
 
     cfg = load_config(args.config)
     out = Path(args.out) if args.out else Path("budgets") / "out" / Path(args.config).stem
@@ -112,8 +112,8 @@ def _sweep(args) -> None:
 
 
 def _report(args) -> None:
+    from autorank.apps.sweep import RESULTS_JSON, read_results, results_table
     from autorank.io import PLAN_FILE, load_plan
-    from autorank.sweep import RESULTS_JSON, read_results, results_table
 
     d = Path(args.dir)
     if (d / PLAN_FILE).is_file():
@@ -126,7 +126,7 @@ def _report(args) -> None:
 
 
 def _print_plots(d, budget, method) -> None:
-    from autorank.plots import plot_sweep
+    from autorank.apps.plots import plot_sweep
 
     for p in plot_sweep(d, budget=budget, method=method):
         print(p)
