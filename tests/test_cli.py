@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from autorank.apps.cli import main
-from autorank.apps.sweep import ModelSpec, register_model
+from autorank.apps.models import ModelSpec, register_model
 from tiny_models import build
 
 

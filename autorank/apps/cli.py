@@ -5,7 +5,7 @@
     autorank report DIR
     autorank plot DIR [--budget B] [--method NAME]
 
-MODEL is a model spec as in sweep configs (see :func:`autorank.apps.sweep.load_model`).
+MODEL is a model spec as in sweep configs (see :func:`autorank.apps.models.load_model`).
 User errors print one line, ``autorank: error: ...``, to stderr and exit with status 2
 (with ``-v`` the traceback is shown instead).
 """
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optimize(args) -> None:
     import autorank
-    from autorank.apps.sweep import load_model
+    from autorank.apps.models import load_model
 
     spec = load_model(args.model, args.checkpoint, args.input_shape)
     result = autorank.optimize(spec.model, args.budget, spec.example_inputs, metric=args.metric,
