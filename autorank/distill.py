@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._util import seeded_rng, show_progress
-from .finetune import _is_int, _is_positive_finite, _is_real, _to_device, module_device
+from .finetune import _is_int, _is_positive_finite, _is_real, module_device
+from .nested import to_device
 
 __all__ = ["EncoderDistill", "mean_pool", "last_hidden", "lr_scale", "budget_fraction"]
 
@@ -249,7 +250,7 @@ class EncoderDistill:
                             break
                         for group in opt.param_groups:
                             group["lr"] = self.lr * lr_scale(frac, self.warmup)
-                        batch = _to_device(dict(batches[i]), device)
+                        batch = to_device(dict(batches[i]), device)
                         target = cache[i] if i in cache else self._teacher_outputs(teacher, batch, hidden)
                         if self.cache_teacher:
                             cache[i] = target
@@ -284,7 +285,7 @@ class EncoderDistill:
     def _teacher_outputs(teacher: nn.Module, batch: dict[str, torch.Tensor], hidden: bool) -> Target:
         """The teacher's last token states at the real tokens, pooled embeddings and intermediate states, in float32."""
         keep = batch["attention_mask"].bool()
-        inputs = _to_device(batch, module_device(teacher))
+        inputs = to_device(batch, module_device(teacher))
         with torch.no_grad():
             out = teacher(**inputs, output_hidden_states=True) if hidden else teacher(**inputs)
         last = last_hidden(out).to(keep.device, torch.float32)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ._util import seeded_rng, show_progress
+from .nested import to_device
 
 __all__ = ["Finetune", "distillation_loss"]
 
@@ -308,12 +309,12 @@ class Finetune:
     ) -> torch.Tensor:
         """Task loss of one batch, mixed with the distillation term when a teacher is given."""
         inputs, targets = _split_batch(batch)
-        logits = model(_to_device(inputs, device))
-        loss = loss_fn(logits, _to_device(targets, device))
+        logits = model(to_device(inputs, device))
+        loss = loss_fn(logits, to_device(targets, device))
         if teacher is None:
             return loss
         with torch.no_grad():
-            teacher_logits = teacher(_to_device(inputs, module_device(teacher)))
+            teacher_logits = teacher(to_device(inputs, module_device(teacher)))
         kd = distillation_loss(logits, teacher_logits.to(logits.device), self.temperature)
         return (1.0 - self.alpha) * loss + self.alpha * kd
 
@@ -386,18 +387,6 @@ def _split_batch(batch: Any) -> tuple[Any, Any]:
         "Finetune.train_loader must yield (inputs, targets) pairs, got "
         f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     )
-
-
-def _to_device(data: Any, device: torch.device) -> Any:
-    if isinstance(data, torch.Tensor):
-        return data.to(device, non_blocking=True)
-    if isinstance(data, Mapping):
-        return type(data)({k: _to_device(v, device) for k, v in data.items()})
-    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
-        return type(data)(*(_to_device(v, device) for v in data))
-    if isinstance(data, (tuple, list)):
-        return type(data)(_to_device(v, device) for v in data)
-    return data
 
 
 def _safe_len(loader: Iterable) -> int | None:

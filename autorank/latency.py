@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .graph import run_model
+from .nested import run_model
 from .plan import Plan
 
 __all__ = ["measure_latency", "layer_latencies"]

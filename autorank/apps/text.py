@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distill import last_hidden, mean_pool
+from ..nested import to_device
 
 __all__ = [
     "minilm_path",
@@ -455,7 +456,7 @@ def encode(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: i
     try:
         with torch.no_grad():
             for batch in tokenize_batches(tokenizer, [texts[i] for i in order], batch_size, max_length):
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = to_device(batch, device, non_blocking=False)
                 out = model(**batch)
                 pooled = mean_pool(last_hidden(out), batch["attention_mask"])
                 if normalize:
