@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._util import seeded_rng, show_progress
-from .finetune import _is_int, _is_positive_finite, _is_real, module_device
+from .finetune import module_device
 from .nested import to_device
+from .validate import check_bool, check_count, check_int, check_nonnegative, check_positive, check_range
 
 __all__ = ["EncoderDistill", "mean_pool", "last_hidden", "lr_scale", "budget_fraction"]
 
@@ -184,25 +185,15 @@ class EncoderDistill:
     def __post_init__(self) -> None:
         if self.minutes is None and self.max_steps is None:
             raise ValueError("EncoderDistill needs a budget: minutes=, max_steps= or both, got neither")
-        if self.minutes is not None and not _is_positive_finite(self.minutes):
-            raise ValueError(f"EncoderDistill.minutes must be a positive finite number or None, got {self.minutes!r}")
-        if self.max_steps is not None and not (_is_int(self.max_steps) and self.max_steps > 0):
-            raise ValueError(f"EncoderDistill.max_steps must be a positive int or None, got {self.max_steps!r}")
-        if not _is_positive_finite(self.lr):
-            raise ValueError(f"EncoderDistill.lr must be a positive finite number, got {self.lr!r}")
-        if not _is_real(self.warmup) or not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"EncoderDistill.warmup must be a number in [0, 1), got {self.warmup!r}")
-        if not _is_real(self.hidden_weight) or not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
-            raise ValueError(f"EncoderDistill.hidden_weight must be a finite number >= 0, got {self.hidden_weight!r}")
+        check_positive("EncoderDistill.minutes", self.minutes, optional=True)
+        check_count("EncoderDistill.max_steps", self.max_steps, optional=True, allow_numpy=True)
+        check_positive("EncoderDistill.lr", self.lr)
+        check_range("EncoderDistill.warmup", self.warmup, 0.0, 1.0)
+        check_nonnegative("EncoderDistill.hidden_weight", self.hidden_weight)
         for name in ("dropout", "freeze_embeddings", "cache_teacher"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"EncoderDistill.{name} must be a bool, got {getattr(self, name)!r}")
-        if not _is_int(self.seed):
-            raise TypeError(f"EncoderDistill.seed must be an int, got {self.seed!r}")
-        if self.seed < 0:
-            raise ValueError(f"EncoderDistill.seed must be >= 0, got {self.seed!r}")
-        if self.progress is not None and not isinstance(self.progress, bool):
-            raise TypeError(f"EncoderDistill.progress must be True, False or None, got {self.progress!r}")
+            check_bool(f"EncoderDistill.{name}", getattr(self, name))
+        check_int("EncoderDistill.seed", self.seed, low=0, allow_numpy=True)
+        check_bool("EncoderDistill.progress", self.progress, optional=True)
 
     def __call__(self, student: nn.Module, teacher: nn.Module,
                  batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, float]:

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..distill import last_hidden, mean_pool
 from ..nested import to_device
+from ..validate import check_count
 
 __all__ = [
     "minilm_path",
@@ -203,9 +204,8 @@ def stdlib_paragraphs(min_words: int = 8, max_words: int = 64, members: bool = F
 
 
 def _check_word_bounds(min_words: int, max_words: int) -> None:
-    for name, value in (("min_words", min_words), ("max_words", max_words)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_count("min_words", min_words)
+    check_count("max_words", max_words)
     if min_words > max_words:
         raise ValueError(f"min_words={min_words} must not exceed max_words={max_words}")
 
@@ -344,8 +344,7 @@ def split_texts(texts: Sequence[str], seed: int = 0) -> tuple[list[str], list[st
     """
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not a single string")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    check_count("seed", seed, low=0, allow_numpy=True)
     distinct = list(dict.fromkeys(texts))
     bad = [t for t in distinct if not isinstance(t, str)]
     if bad:
@@ -392,12 +391,6 @@ def load_minilm() -> tuple[nn.Module, Any]:
     return model.float().eval(), tokenizer
 
 
-def _check_batching(batch_size: int, max_length: int) -> None:
-    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def tokenize_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
                      max_length: int = 128, by_length: bool = False) -> list[dict[str, torch.Tensor]]:
     """``texts`` tokenised ``batch_size`` at a time, as plain dicts of tensors.
@@ -417,7 +410,8 @@ def tokenize_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
     """
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not a single string")
-    _check_batching(batch_size, max_length)
+    check_count("batch_size", batch_size)
+    check_count("max_length", max_length)
     if not isinstance(by_length, bool):
         raise TypeError(f"by_length must be a bool, got {by_length!r}")
     texts = list(texts)
@@ -446,7 +440,8 @@ def encode(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: i
     """
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not a single string")
-    _check_batching(batch_size, max_length)
+    check_count("batch_size", batch_size)
+    check_count("max_length", max_length)
     texts = list(texts)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     device = _device(model)

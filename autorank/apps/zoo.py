@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from autorank.finetune import Finetune, module_device
+from autorank.validate import check_count
 
 __all__ = ["load_mnist", "load_digits", "mnist_cnn", "train_mnist_cnn", "accuracy"]
 
@@ -89,8 +90,7 @@ def mnist_cnn(num_classes: int = 10) -> nn.Sequential:
     ``fc1: 1152 -> 256`` and ``fc2: 256 -> num_classes``. Modules have readable
     qualified names (``conv1``, ``bn1``, ..., ``fc1``, ``fc2``).
     """
-    if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes > 0):
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_count("num_classes", num_classes)
     return nn.Sequential(
         OrderedDict(
             [
@@ -134,10 +134,8 @@ def train_mnist_cnn(
     """
     from safetensors.torch import load_file, save_file
 
-    if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0):
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    check_count("epochs", epochs)
+    check_count("seed", seed, low=0)
 
     n_train = 4000
     path = None
@@ -186,8 +184,7 @@ def accuracy(
     the model's previous training mode afterwards. ``batch_size`` applies only
     when a Dataset is given.
     """
-    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0):
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_count("batch_size", batch_size)
     data = dataset_or_loader
     if isinstance(data, Dataset):
         data = DataLoader(data, batch_size=batch_size, shuffle=False)
