@@ -1,5 +1,0 @@
-"""Deprecated alias of :mod:`autorank.apps.sweep` (moved there in issue #18); import that instead."""
-
-from autorank._util import moved_module
-
-__getattr__, __dir__, __all__ = moved_module("autorank.sweep", "autorank.apps.sweep")
