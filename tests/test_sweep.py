@@ -9,7 +9,7 @@ import pytest
 
 import autorank.api
 import autorank.curves
-from autorank.sweep import (
+from autorank.apps.sweep import (
     CSV_COLUMNS, ModelSpec, SweepConfig, load_config, load_model, run_sweep,
 )
 from tiny_models import build

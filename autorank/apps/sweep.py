@@ -8,19 +8,13 @@ allocates, realises, optionally fine-tunes and evaluates, and appends the row
 to ``results.json`` / ``results.csv`` as soon as it is finished, so an
 interrupted sweep resumes where it stopped.
 
-Models are named by a spec string resolved by :func:`load_model`:
-
-* a registered name (``"mnist_cnn"``: the trained MNIST CNN of :mod:`autorank.zoo`;
-  add your own with :func:`register_model`);
-* ``"torchvision:<name>"``: an untrained torchvision model on a 1x3x224x224 input;
-* ``"pkg.module:fn"``: ``fn()`` returns a module (or ``(module, example_inputs)``),
-  optionally with weights from ``checkpoint`` (safetensors or a ``torch.save``'d state_dict).
+Models are named by a spec string resolved by :func:`autorank.apps.models.load_model`
+(re-exported here with :class:`ModelSpec`, :func:`register_model` and :func:`available_models`).
 """
 
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import logging
 import math
@@ -29,12 +23,10 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import torch
-import torch.nn as nn
-
-from .config import METRICS, CurveConfig, SolverConfig
+from ..config import METRICS, CurveConfig, SolverConfig
+from .models import ModelSpec, available_models, load_model, register_model
 
 __all__ = [
     "ModelSpec", "MethodSpec", "FinetuneSpec", "SweepConfig", "register_model", "available_models",
@@ -52,127 +44,6 @@ CSV_COLUMNS = (
     "latency_ms", "latency_iqr_ms", "speedup", "metric_before", "metric_after", "max_error",
     "network_bound", "slower_layers", "wall_s",
 )
-
-
-# ---- model registry ----------------------------------------------------------------------
-
-@dataclass
-class ModelSpec:
-    """A loaded model with what a sweep needs to run it.
-
-    example_inputs: the inputs FLOPs are counted on (one sample for the zoo models).
-    latency_inputs: the inputs latency is timed on (a realistic batch); defaults to example_inputs.
-    """
-
-    model: nn.Module
-    example_inputs: Any
-    latency_inputs: Any = None
-
-    def __post_init__(self) -> None:
-        if self.latency_inputs is None:
-            self.latency_inputs = self.example_inputs
-
-
-Builder = Callable[[], ModelSpec]
-_MODELS: dict[str, Builder] = {}
-
-
-def register_model(name: str, builder: Builder) -> Builder:
-    """Register ``builder() -> ModelSpec`` under ``name`` (replacing one of the same name)."""
-    if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"model name must be a non-empty str without ':', got {name!r}")
-    if not callable(builder):
-        raise TypeError(f"model builder must be callable, got {type(builder).__name__}")
-    _MODELS[name] = builder
-    return builder
-
-
-def available_models() -> list[str]:
-    return sorted(_MODELS)
-
-
-def _mnist_cnn() -> ModelSpec:
-    from .zoo import load_mnist, train_mnist_cnn
-
-    _, test = load_mnist()
-    model = train_mnist_cnn()
-    return ModelSpec(model, test[:1][0], test[:64][0])
-
-
-register_model("mnist_cnn", _mnist_cnn)
-
-
-def _load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> None:
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-            state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"checkpoint {str(path)!r} does not hold a state_dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"checkpoint {str(path)!r} does not fit the model: {first}") from None
-
-
-def load_model(spec: str, checkpoint: str | os.PathLike | None = None,
-               input_shape: list[int] | tuple[int, ...] | None = None) -> ModelSpec:
-    """Resolve a model spec string (see the module docstring) into a :class:`ModelSpec`.
-
-    ``input_shape`` overrides the example input (a ``torch.randn`` of that shape, seed 0).
-    """
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"model must be a non-empty spec string, got {spec!r}")
-    if spec in _MODELS:
-        out = _MODELS[spec]()
-    elif spec.startswith("torchvision:"):
-        try:
-            import torchvision.models as tvm
-        except ImportError:
-            raise ValueError(f"model {spec!r} needs torchvision (pip install autorank[vision])") from None
-        name = spec.split(":", 1)[1]
-        try:
-            builder = tvm.get_model_builder(name)
-        except ValueError:
-            raise ValueError(f"model {spec!r}: torchvision has no model {name!r}") from None
-        out = ModelSpec(builder(weights=None).eval(), torch.randn(1, 3, 224, 224,
-                                                                 generator=torch.Generator().manual_seed(0)))
-    elif ":" in spec:
-        mod_name, _, fn_name = spec.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"model {spec!r}: cannot import {fn_name!r} from {mod_name!r} ({exc})") from None
-        built = fn()
-        if isinstance(built, ModelSpec):
-            out = built
-        elif isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
-            out = ModelSpec(*built)
-        elif isinstance(built, nn.Module):
-            example = built.example() if callable(getattr(built, "example", None)) else None
-            out = ModelSpec(built, example)
-        else:
-            raise ValueError(f"model {spec!r}: {fn_name}() returned {type(built).__name__}, not an nn.Module")
-    else:
-        raise ValueError(f"unknown model {spec!r}; use one of {available_models()}, "
-                         "'torchvision:<name>' or 'pkg.module:function'")
-    if checkpoint is not None:
-        _load_checkpoint(out.model, checkpoint)
-    if input_shape is not None:
-        x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
-        out = ModelSpec(out.model, x)
-    if out.example_inputs is None:
-        raise ValueError(f"model {spec!r} has no example inputs; set input_shape = [...] in the config")
-    out.model.eval()
-    return out
 
 
 # ---- config ------------------------------------------------------------------------------
@@ -200,7 +71,7 @@ class MethodSpec:
     solver: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .allocators import available_allocators
+        from ..allocators import available_allocators
 
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"methods: name must be a non-empty string, got {self.name!r}")
@@ -292,7 +163,7 @@ class SweepConfig:
     latency_threads: int | None = None
 
     def __post_init__(self) -> None:
-        from .config import check_budget
+        from ..config import check_budget
 
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty spec string, got {self.model!r}")
@@ -462,12 +333,12 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
 
     Returns the results state (``{"version", "config", "baseline", "rows", ...}``).
     """
-    from . import analyze
-    from .api import allocate, fixed_cost, make_plan, measure_totals
-    from .curves import build_curves
-    from .finetune import Finetune
-    from .latency import layer_latencies, measure_latency
-    from .realize import realize
+    from .. import analyze
+    from ..api import allocate, fixed_cost, make_plan, measure_totals
+    from ..curves import build_curves
+    from ..finetune import Finetune
+    from ..latency import layer_latencies, measure_latency
+    from ..realize import realize
 
     if not isinstance(config, SweepConfig):
         config = load_config(config)
