@@ -26,10 +26,11 @@ import numpy as np
 
 from .config import SolverConfig
 from .curves import LayerCurves
-from .solver import Infeasible
+from .solver import Infeasible, solve_minmax, solve_sum_dp, solve_sum_lagrangian
 
 __all__ = ["AllocationContext", "register_allocator", "get_allocator", "resolve_allocator",
-           "available_allocators", "uniform_allocation"]
+           "available_allocators", "uniform_allocation",
+           "allocate", "solve_curves"]
 
 
 @dataclass
@@ -141,9 +142,79 @@ def uniform_allocation(ctx: AllocationContext) -> dict[str, int]:
 
 def alds_allocation(ctx: AllocationContext) -> dict[str, int]:
     """The exact ALDS global step over every candidate of every enabled family."""
-    from .api import solve_curves
-
     return solve_curves(ctx.curves, ctx.budget, ctx.metric, ctx.total, ctx.fixed, ctx.solver)
+
+
+def solve_curves(
+    curves: Mapping[str, LayerCurves],
+    budget: float,
+    metric: str,
+    total: int,
+    fixed: int,
+    solver: SolverConfig | None = None,
+) -> dict[str, int]:
+    """The ALDS global step (:mod:`autorank.solver`) over the curves; raises ``Infeasible``."""
+    solver = solver or SolverConfig()
+    names = list(curves)
+    errors = [curves[n].error for n in names]
+    costs = [curves[n].cost(metric).astype(np.float64) for n in names]
+    room = budget * total - fixed
+    if solver.objective == "max":
+        choice, _ = solve_minmax(errors, costs, room, fill=solver.fill)
+    elif solver.method == "dp":
+        choice = solve_sum_dp(errors, costs, room, bins=solver.dp_bins)
+    else:
+        choice = solve_sum_lagrangian(errors, costs, room)
+    return {n: int(c) for n, c in zip(names, choice)}
+
+
+def allocate(
+    curves: Mapping[str, LayerCurves],
+    budget: float,
+    metric: str,
+    total: int,
+    fixed: int,
+    solver: SolverConfig | None = None,
+    allocator: Any = "alds",
+    **context: Any,
+) -> tuple[dict[str, int], float]:
+    """The global step: one candidate index per layer with ``fixed + sum(cost) <= budget * total``.
+
+    ``allocator`` names a registered allocator (``available_allocators()``) or is a
+    callable taking an :class:`autorank.allocators.AllocationContext`; ``context``
+    fills that context's optional fields (``model``, ``example_inputs``, ``moments``,
+    ``evaluate``, ``cache``) for allocators that use data or evaluations.
+    Returns ``({layer: candidate index}, largest error)``.
+
+    Raises:
+        ValueError: the budget cannot be met; the message gives the smallest reachable budget.
+    """
+    name, fn = resolve_allocator(allocator)
+    ctx = AllocationContext(curves=curves, budget=budget, metric=metric, total=total, fixed=fixed,
+                            solver=solver or SolverConfig(), **context)
+    try:
+        picked = fn(ctx)
+    except Infeasible as exc:
+        smallest = (fixed + exc.minimum) / total
+        raise ValueError(
+            f"budget={budget:g} of {metric} cannot be reached: the smallest reachable budget is "
+            f"{smallest:.4f} ({fixed:,} of the {total:,} {metric} cannot be compressed, and every "
+            "compressible layer is already at its cheapest candidate)"
+        ) from None
+    _check_picked(name, curves, picked, ctx)
+    worst = max((float(curves[n].error[i]) for n, i in picked.items()), default=0.0)
+    return picked, worst
+
+
+def _check_picked(name: str, curves: Mapping[str, LayerCurves], picked: Any, ctx: Any) -> None:
+    if not isinstance(picked, Mapping) or set(picked) != set(curves):
+        raise RuntimeError(f"allocator {name!r} must return one candidate index for every layer with curves")
+    for n, i in picked.items():
+        if not 0 <= int(i) < len(curves[n]):
+            raise RuntimeError(f"allocator {name!r} picked candidate {i} of layer {n!r}, which has {len(curves[n])}")
+    if ctx.cost(picked) > ctx.room * (1 + 1e-9) + 1e-6:
+        raise RuntimeError(f"allocator {name!r} went over budget: {ctx.cost(picked):,.0f} > {ctx.room:,.0f} "
+                           f"{ctx.metric} for the compressible layers")
 
 
 register_allocator("alds", alds_allocation)

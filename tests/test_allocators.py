@@ -16,7 +16,7 @@ import torch.nn as nn
 import autorank
 from autorank import baselines
 from autorank.allocators import AllocationContext
-from autorank.api import CompressStep
+from autorank.pipeline import CompressStep, Settings
 from autorank.curves import LayerCurves
 from autorank.solver import Infeasible
 from tiny_models import build
@@ -32,7 +32,7 @@ def _calibration(name: str, x):
 
 
 def _context(model, x, budget=0.5, metric="params", calibration=None, **fields) -> AllocationContext:
-    prep = CompressStep(x, metric, calibration=calibration).prepare(model)
+    prep = CompressStep(x, Settings(metric), calibration=calibration).prepare(model)
     return AllocationContext(curves=prep.curves, budget=budget, metric=metric, total=prep.total, fixed=prep.fixed,
                              model=model, example_inputs=x, moments=prep.moments, **fields)
 
