@@ -195,6 +195,14 @@ class EncoderDistill:
         check_int("EncoderDistill.seed", self.seed, low=0, allow_numpy=True)
         check_bool("EncoderDistill.progress", self.progress, optional=True)
 
+    def fit(self, model: nn.Module, context: Any) -> dict[str, float]:
+        """The fine-tune protocol (``optimize(..., finetune=EncoderDistill(...))``): distil ``model``
+        towards the original model on the calibration batches."""
+        if context.calibration is None:
+            raise ValueError("EncoderDistill as finetune= distils on the calibration batches: pass calibration=... "
+                             "(keyword-argument batches with an attention_mask) to optimize")
+        return self(model, context.teacher, list(context.calibration))
+
     def __call__(self, student: nn.Module, teacher: nn.Module,
                  batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, float]:
         """Train ``student`` in place towards ``teacher``; return a summary of the run.

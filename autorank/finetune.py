@@ -28,7 +28,7 @@ from .validate import (
     check_bool, check_choice, check_count, check_int, check_nonnegative, check_positive, check_range,
 )
 
-__all__ = ["Finetune", "distillation_loss"]
+__all__ = ["Finetune", "FinetuneContext", "run_finetuner", "check_finetuner", "distillation_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +278,10 @@ class Finetune:
             "time_s": elapsed,
         }
 
+    def fit(self, model: nn.Module, context: "FinetuneContext") -> dict:
+        """The fine-tune protocol (:func:`run_finetuner`): train ``model``, distilling from the original if asked."""
+        return self(model, context.step, teacher=context.teacher if self.distill else None)
+
     def _batch_loss(
         self,
         model: nn.Module,
@@ -384,3 +388,42 @@ def _cycle(loader: Iterable) -> Iterator[Any]:
             yield batch
         if empty:
             return
+
+
+# ---- the one fine-tune protocol ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FinetuneContext:
+    """What a fine-tuner is told at one step of a compress -> fine-tune schedule.
+
+    step:           the step, from 1.
+    teacher:        the original model (a distillation teacher; never modify it).
+    calibration:    the calibration batches given to ``optimize``, or None.
+    example_inputs: the example inputs given to ``optimize``.
+    """
+
+    step: int
+    teacher: nn.Module
+    calibration: Any = None
+    example_inputs: Any = None
+
+
+def run_finetuner(finetune: Any, model: nn.Module, context: FinetuneContext) -> dict[str, Any]:
+    """Run one fine-tuning step of ``model`` (in place); the summary it returns, else ``{}``.
+
+    The protocol: an object with a ``fit(model, context)`` method (:class:`Finetune`,
+    :class:`autorank.EncoderDistill`, or your own class that needs the teacher or the data)
+    is called with the :class:`FinetuneContext`; any other callable as ``finetune(model, step)``.
+    """
+    fit = getattr(finetune, "fit", None)
+    out = fit(model, context) if callable(fit) else finetune(model, context.step)
+    return dict(out) if isinstance(out, Mapping) else {}
+
+
+def check_finetuner(finetune: Any) -> None:
+    """TypeError unless ``finetune`` is None or follows the protocol of :func:`run_finetuner`."""
+    if finetune is not None and not callable(finetune) and not callable(getattr(finetune, "fit", None)):
+        raise TypeError(
+            "finetune must be None, an autorank.Finetune or a callable finetune(model, step) -> None "
+            f"(or an object with fit(model, context), such as autorank.EncoderDistill), got {type(finetune).__name__}"
+        )

@@ -21,7 +21,7 @@ from autorank.allocators.evaluated import (SENSITIVITY_CACHE_KEY, output_gains, 
 from autorank.allocators.ranks import bisect_sorted, bisect_threshold, rank_table, rank_tables
 from autorank.allocators.spectral import (SPECTRUM_CACHE_KEY, layer_spectrum, lrank_allocation, lrank_choice,
                                           pca_allocation, svd_energy_allocation, vbmf_allocation, vbmf_ranks)
-from autorank.api import CompressStep
+from autorank.pipeline import CompressStep, Settings
 from autorank.curves import LayerCurves
 from autorank.solver import Infeasible
 from tiny_models import build
@@ -37,7 +37,7 @@ def _calibration(name: str, x):
 
 
 def _context(model, x, budget=0.5, metric="params", calibration=None, **fields) -> AllocationContext:
-    prep = CompressStep(x, metric, calibration=calibration).prepare(model)
+    prep = CompressStep(x, Settings(metric), calibration=calibration).prepare(model)
     return AllocationContext(curves=prep.curves, budget=budget, metric=metric, total=prep.total, fixed=prep.fixed,
                              model=model, example_inputs=x, moments=prep.moments, **fields)
 

@@ -14,6 +14,7 @@ Models are named by a spec string resolved by :func:`autorank.apps.models.load_m
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -25,7 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import METRICS, CurveConfig, SolverConfig
+import torch
+
+from ..config import METRICS, Compression, CurveConfig, DataAware, SolverConfig
+from ..finetune import Finetune
+from ..graph import analyze
+from ..latency import layer_latencies, measure_latency
+from ..pipeline import CompressStep, Settings
 from .models import ModelSpec, available_models, load_model, register_model
 
 __all__ = [
@@ -62,6 +69,7 @@ class MethodSpec:
     allocator: a name from ``autorank.available_allocators()``.
     families: decomposition families competing per layer (``CurveConfig.families``).
     curves / solver: further ``CurveConfig`` / ``SolverConfig`` fields, e.g. ``{objective = "sum"}``.
+    data_aware: ``DataAware`` fields for a sweep with calibration data, e.g. ``{sequential = false}``.
     """
 
     name: str
@@ -69,6 +77,7 @@ class MethodSpec:
     families: tuple[str, ...] | None = None
     curves: dict[str, Any] = field(default_factory=dict)
     solver: dict[str, Any] = field(default_factory=dict)
+    data_aware: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from ..allocators import available_allocators
@@ -84,12 +93,11 @@ class MethodSpec:
             if not isinstance(fams, (list, tuple)):
                 raise ValueError(f"{where}.families must be a list of names, got {self.families!r}")
             object.__setattr__(self, "families", tuple(fams))
-        for key in ("curves", "solver"):
+        for key in ("curves", "solver", "data_aware"):
             if not isinstance(getattr(self, key), Mapping):
                 raise ValueError(f"{where}.{key} must be a table, got {getattr(self, key)!r}")
         try:
-            self.curve_config()
-            self.solver_config()
+            self.settings("params")
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: {exc}") from None
 
@@ -102,11 +110,17 @@ class MethodSpec:
     def solver_config(self) -> SolverConfig:
         return SolverConfig(**self.solver)
 
+    def settings(self, metric: str) -> Settings:
+        """The pipeline settings of this method."""
+        return Settings(metric, Compression(curves=self.curve_config(), solver=self.solver_config(),
+                                            allocator=self.allocator), DataAware(**self.data_aware))
+
     @classmethod
     def from_dict(cls, data: Any) -> "MethodSpec":
         if not isinstance(data, Mapping):
             raise ValueError(f"methods: each method must be a table, got {data!r}")
-        _unknown(f"methods[{data.get('name', '?')!r}]", data, ("name", "allocator", "families", "curves", "solver"))
+        _unknown(f"methods[{data.get('name', '?')!r}]", data, ("name", "allocator", "families", "curves", "solver",
+                                                                 "data_aware"))
         if "name" not in data:
             raise ValueError(f"methods: a method has no name: {dict(data)!r}")
         return cls(**data)
@@ -148,6 +162,8 @@ class SweepConfig:
     budgets:      fractions in (0, 1].
     methods:      :class:`MethodSpec` list (unique names).
     finetune:     :class:`FinetuneSpec` or None (no fine-tuning; needs ``data``).
+    calibration:  the number of training samples (the first ones of the ``data`` train split, in
+                  batches of 64) given to every method as calibration data, or None (weight-only).
     latency_repeats / latency_threads: settings of :func:`autorank.latency.measure_latency`.
     """
 
@@ -161,6 +177,7 @@ class SweepConfig:
     finetune: FinetuneSpec | None = None
     latency_repeats: int = 20
     latency_threads: int | None = None
+    calibration: int | None = None
 
     def __post_init__(self) -> None:
         from ..config import check_budget
@@ -197,6 +214,12 @@ class SweepConfig:
             object.__setattr__(self, "finetune", FinetuneSpec(**self.finetune))
         if self.finetune is not None and self.data is None:
             raise ValueError("finetune needs training data: set data = \"mnist\" or remove [finetune]")
+        c = self.calibration
+        if c is not None:
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                raise ValueError(f"calibration must be a number of samples >= 1, got {c!r}")
+            if self.data is None:
+                raise ValueError("calibration takes its samples from the training data: set data = \"mnist\"")
         if self.input_shape is not None:
             shape = self.input_shape
             if (not isinstance(shape, (list, tuple)) or not shape
@@ -218,7 +241,7 @@ class SweepConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"a sweep config must be a table, got {type(data).__name__}")
         _unknown("sweep config", data, ("model", "checkpoint", "input_shape", "data", "metric", "budgets",
-                                        "methods", "finetune", "latency"))
+                                        "methods", "finetune", "latency", "calibration"))
         for key in ("model", "budgets", "methods"):
             if key not in data:
                 raise ValueError(f"sweep config: missing required key {key!r}")
@@ -320,6 +343,14 @@ def _evaluator(data: str | None):
     return train, (lambda m: accuracy(m, test))
 
 
+def _calibration_batches(train: Any, samples: int | None, batch_size: int = 64) -> list[torch.Tensor] | None:
+    """The first ``samples`` training inputs in batches of ``batch_size`` (None: no calibration data)."""
+    if samples is None:
+        return None
+    images = torch.stack([train[i][0] for i in range(min(samples, len(train)))])
+    return list(images.split(batch_size))
+
+
 def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLike,
               resume: bool = True, model_spec: ModelSpec | None = None) -> dict[str, Any]:
     """Run every ``method x budget`` row of ``config`` and write the results into ``out_dir``.
@@ -333,13 +364,6 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
 
     Returns the results state (``{"version", "config", "baseline", "rows", ...}``).
     """
-    from .. import analyze
-    from ..api import allocate, fixed_cost, make_plan, measure_totals
-    from ..curves import build_curves
-    from ..finetune import Finetune
-    from ..latency import layer_latencies, measure_latency
-    from ..realize import realize
-
     if not isinstance(config, SweepConfig):
         config = load_config(config)
     out = Path(out_dir)
@@ -350,7 +374,7 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
     state: dict[str, Any] = {"version": RESULTS_VERSION, "config": cfg_dict, "baseline": None, "rows": []}
     if resume and (out / RESULTS_JSON).is_file():
         old = read_results(out)
-        for key in ("model", "checkpoint", "input_shape", "data", "metric"):
+        for key in ("model", "checkpoint", "input_shape", "data", "metric", "calibration"):
             if old.get("config", {}).get(key) != cfg_dict[key]:
                 raise ValueError(f"cannot resume in {str(out)!r}: its results were made with {key}="
                                  f"{old.get('config', {}).get(key)!r}, this config has {cfg_dict[key]!r}; "
@@ -370,7 +394,6 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
     model, x = spec.model, spec.example_inputs
     train, evaluate = _evaluator(config.data)
     graph = analyze(model, x)
-    total = graph.total_params if config.metric == "params" else graph.total_flops
     import networkx as nx
 
     _write_atomic(out / "graph.json", json.dumps(nx.node_link_data(graph.graph, edges="edges"), default=str))
@@ -384,37 +407,31 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
     log.info("sweep: analysed %s in %.1fs; original latency %.2f ms", config.model,
              time.perf_counter() - t0, base_lat["median_s"] * 1e3)
 
-    curve_cache: dict[str, tuple[dict, dict]] = {}
+    calibration = _calibration_batches(train, config.calibration)
+    prepared: dict[str, Any] = {}  # per distinct curve and data setting: the graph, moments and curves
     alloc_cache: dict[str, Any] = {}  # e.g. the sensitivity allocator's table, shared by all rows
     for method, budget in todo:
         t_row = time.perf_counter()
-        ccfg = method.curve_config()
-        key = json.dumps(ccfg.to_dict(), sort_keys=True)
-        if key not in curve_cache:
+        step = CompressStep(x, method.settings(config.metric), calibration=calibration, evaluate=evaluate,
+                            progress=False)
+        key = json.dumps({"curves": step.settings.curves.to_dict(), "data": step.parts}, sort_keys=True)
+        if key not in prepared:
             t = time.perf_counter()
-            curve_cache[key] = build_curves(model, graph, ccfg, config.metric, progress=False)
+            prepared[key] = step.prepare(model)
             log.info("sweep: error curves (%s) in %.1fs", key, time.perf_counter() - t)
             if not (out / "curves.json").is_file():
-                _write_atomic(out / "curves.json", json.dumps(curves_data(curve_cache[key][0])))
-        layer_curves, no_gain = curve_cache[key]
+                _write_atomic(out / "curves.json", json.dumps(curves_data(prepared[key].curves)))
         row: dict[str, Any] = {"method": method.name, "allocator": method.allocator, "budget": budget}
+        work = copy.deepcopy(model)  # the original stays the teacher and the reference
         try:
-            fixed = fixed_cost(layer_curves, config.metric, total)
-            solver = method.solver_config()
-            picked, worst = allocate(layer_curves, budget, config.metric, total, fixed, solver, method.allocator,
-                                     model=model, example_inputs=x, evaluate=evaluate, cache=alloc_cache)
+            result = step(work, budget, prepared=prepared[key], cache=alloc_cache)
         except ValueError as exc:
             log.warning("sweep: %s at budget %g: %s", method.name, budget, exc)
             row.update(status=f"infeasible: {exc}", wall_s=time.perf_counter() - t_row)
             state["rows"].append(row)
             _write_results(out, state)
             continue
-        plan = make_plan(layer_curves, picked, config.metric, budget, solver.objective,
-                         {**graph.skipped, **no_gain},
-                         config={"allocator": method.allocator, "curves": ccfg.to_dict(),
-                                 "solver": solver.to_dict(), "exclude": []})
-        work = realize(model, plan)  # a copy: the original stays the teacher and the reference
-        plan.totals = measure_totals(graph, work, x)
+        plan = result.plan
         before = evaluate(work) if evaluate else None
         after = None
         if config.finetune is not None:
