@@ -115,7 +115,6 @@ def _last_first(obj: Any) -> list[torch.Tensor]:
     return tensors(obj)[::-1]
 
 
-_tensors = _last_first  # the old name: refine.py reads it until it uses autorank.nested (issue #18)
 
 
 def count_params(model: nn.Module) -> int:

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from .config import SolverConfig
-from .graph import _tensors, run_model
+from .nested import entry, primary_tensor, run_model
 
 __all__ = ["Refine", "run_refine", "layer_type", "output_fidelity"]
 
@@ -108,15 +108,18 @@ class Refine:
 
 
 def output_fidelity(model: nn.Module, batch: Any, reference: Any) -> float:
-    """Mean cosine similarity of output vectors (last axis of the first output tensor) to ``reference``.
+    """Mean cosine similarity of output vectors (last axis of the primary output tensor) to ``reference``.
+
+    The primary output tensor is :func:`autorank.nested.primary_tensor` (``last_hidden_state``
+    or ``logits`` of a Hugging Face output, the first tensor of a tuple).
 
     Positions where a dict batch's ``attention_mask`` is 0 are left out.
     """
     with torch.no_grad():
-        out = _tensors(run_model(model, batch))[0].float()
-    ref = _tensors(reference)[0].float()
+        out = primary_tensor(run_model(model, batch)).float()
+    ref = primary_tensor(reference).float()
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    mask = entry(batch, "attention_mask")
     if mask is not None and tuple(mask.shape) == tuple(cos.shape):
         return float((cos * mask).sum() / mask.sum().clamp_min(1))
     return float(cos.mean())

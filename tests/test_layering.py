@@ -55,7 +55,10 @@ ALIASES: dict[str, str] = {
     "autorank.plots": "autorank.apps.plots",
     "autorank.text": "autorank.apps.text",
     "autorank.zoo": "autorank.apps.zoo",
+    "autorank.baselines": "autorank.allocators",
 }
+# aliases that gather names from several new modules (each has its own test)
+GATHERED = frozenset({"autorank.baselines"})
 ALIAS_LAYER = 8
 
 # Modules of the families package that every family file may import.

@@ -12,12 +12,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["SENSITIVITY_VERSION", "tensor_digest", "model_fingerprint", "input_tensors", "check_cache_path",
+__all__ = ["SENSITIVITY_VERSION", "tensor_digest", "model_fingerprint", "check_cache_path",
            "load_table", "save_table"]
 
 log = logging.getLogger(__name__)
@@ -43,17 +43,6 @@ def model_fingerprint(model: nn.Module, *extra: Any) -> str:
         tensor_digest(t, h)
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()
-
-
-def input_tensors(inputs: Any) -> list[torch.Tensor]:
-    """Every tensor in (nested) model inputs, in a fixed order (dict entries by sorted key)."""
-    if isinstance(inputs, torch.Tensor):
-        return [inputs]
-    if isinstance(inputs, Mapping):
-        return [t for k in sorted(inputs) for t in input_tensors(inputs[k])]
-    if isinstance(inputs, (tuple, list)):
-        return [t for v in inputs for t in input_tensors(v)]
-    return []
 
 
 def check_cache_path(cache_path: Any) -> Path | None:

@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 
 from ..families import get_family, output_kwargs
-from ..graph import replace_module, run_model
+from ..graph import replace_module
+from ..nested import flat_output, run_model, tensors
 from .base import AllocationContext, register_allocator
-from .cache import (SENSITIVITY_VERSION, check_cache_path, input_tensors, load_table, model_fingerprint,
+from .cache import (SENSITIVITY_VERSION, check_cache_path, load_table, model_fingerprint,
                     save_table, tensor_digest)
 from .ranks import RankTable, bisect_sorted, check_floor, picked_indices, rank_tables, total_cost
 
@@ -58,26 +59,6 @@ def ratio_rank(ratio: float, full: int) -> int:
     return max(1, min(full, int(math.floor(ratio * full + 1e-9))))
 
 
-def _flat_output(out: Any) -> torch.Tensor:
-    """Every floating tensor in a (nested) model output, flattened and concatenated (float64)."""
-    parts: list[torch.Tensor] = []
-    stack = [out]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, torch.Tensor):
-            if o.is_floating_point() or o.is_complex():
-                parts.append(o.detach().reshape(-1).to(torch.float64))
-        elif isinstance(o, Mapping):
-            stack.extend(reversed(list(o.values())))
-        elif isinstance(o, (tuple, list)):
-            stack.extend(reversed(list(o)))
-        elif hasattr(o, "to_tuple"):  # Hugging Face ModelOutput
-            stack.extend(reversed(list(o.to_tuple())))
-    if not parts:
-        raise ValueError("the model output holds no floating-point tensor to score")
-    return torch.cat(parts)
-
-
 @torch.no_grad()
 def fidelity_score(model: nn.Module, example_inputs: Any, reference: torch.Tensor) -> float:
     """``1 - ||y_hat - y|| / ||y||``: how well ``model``'s output on ``example_inputs`` matches ``reference``.
@@ -85,7 +66,7 @@ def fidelity_score(model: nn.Module, example_inputs: Any, reference: torch.Tenso
     ``y`` is the dense model's output (all floating tensors of it, flattened); 1 is a
     perfect match, and the score falls as the output drifts.
     """
-    y_hat = _flat_output(run_model(model, example_inputs))
+    y_hat = flat_output(run_model(model, example_inputs))
     if y_hat.shape != reference.shape:
         raise ValueError(f"output of {y_hat.numel()} values does not match the reference's {reference.numel()}")
     scale = float(reference.norm())
@@ -97,7 +78,7 @@ def _scorer_key(ctx: AllocationContext) -> list[str]:
     if ctx.evaluate is not None:
         return ["evaluate", getattr(ctx.evaluate, "__qualname__", type(ctx.evaluate).__name__)]
     h = hashlib.blake2b(digest_size=16)
-    for t in input_tensors(ctx.example_inputs):
+    for t in tensors(ctx.example_inputs, sort_keys=True):
         tensor_digest(t, h)
     return ["fidelity", h.hexdigest()]
 
@@ -117,7 +98,7 @@ def _scorer(ctx: AllocationContext, work: nn.Module) -> Callable[[nn.Module], fl
         return ctx.evaluate
     work.eval()
     with torch.no_grad():
-        reference = _flat_output(run_model(work, ctx.example_inputs))
+        reference = flat_output(run_model(work, ctx.example_inputs))
 
     def score(m: nn.Module) -> float:
         return fidelity_score(m, ctx.example_inputs, reference)
