@@ -297,7 +297,7 @@ class DataAware:
 
 
 #: the default of each data-aware part when calibration data is given and the part is None
-DATA_DEFAULTS = {"output_weighting": False, "output_allocation": False, "sequential": False}
+DATA_DEFAULTS = {"output_weighting": True, "output_allocation": True, "sequential": True}
 
 
 def resolve_data_parts(data: DataAware, calibrated: bool) -> dict[str, bool]:

@@ -161,6 +161,7 @@ class Prepared:
     fixed: int
     moments: dict[str, Any] | None
     timings: dict[str, float]
+    outputs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -214,17 +215,18 @@ class CompressStep:
         total = graph.total_params if metric == "params" else graph.total_flops
         if total <= 0:
             raise ValueError(f"the model's total {metric} on example_inputs is {total}; nothing to budget")
-        moments = None
+        moments = outputs = None
         if self.calibrated:
             t = time.perf_counter()
             moments = collect_moments(work, graph.layers, self.calibration, self.progress)
             timings["calibration"] = time.perf_counter() - t
-            if self.parts["output_weighting"]:
+            weighting = self.parts["output_weighting"]
+            if weighting or self.settings.allocator(True) == "alds_output":
                 t = time.perf_counter()
                 outputs = collect_output_moments(work, graph.layers, self.calibration, self.settings.data.output,
                                                  self.progress)
                 for name, out in outputs.items():
-                    if name in moments:
+                    if weighting and name in moments:
                         moments[name].output = out
                 timings["output_moments"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -233,7 +235,8 @@ class CompressStep:
         if not layer_curves:
             raise ValueError(f"{type(work).__name__} has no layer whose factorisation is cheaper than dense")
         return Prepared(graph=graph, curves=layer_curves, skipped={**graph.skipped, **no_gain}, total=total,
-                        fixed=fixed_cost(layer_curves, metric, total), moments=moments, timings=timings)
+                        fixed=fixed_cost(layer_curves, metric, total), moments=moments, timings=timings,
+                        outputs=outputs)
 
     # -- stage 2
     def choose(self, work: nn.Module, prep: Prepared, budget: float, *, curves: Mapping[str, LayerCurves] | None = None,
@@ -242,7 +245,7 @@ class CompressStep:
         return allocate(prep.curves if curves is None else curves, budget, self.metric, prep.total, prep.fixed,
                         solver or self.settings.solver, self.settings.allocator(self.calibrated),
                         model=work, example_inputs=self.example_inputs, moments=prep.moments,
-                        evaluate=self.evaluate, cache={} if cache is None else cache)
+                        evaluate=self.evaluate, cache={} if cache is None else cache, outputs=prep.outputs)
 
     # -- stage 3
     def plan(self, prep: Prepared, picked: Mapping[str, int], budget: float,

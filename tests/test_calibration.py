@@ -187,7 +187,8 @@ def test_data_aware_plan_errors_are_measured_errors():
     """Each layer's planned error is the measured ||(W - W_hat) X|| / ||W X|| of the realised layer."""
     model, x = build("mlp")
     batches = [torch.randn(16, 32) * torch.linspace(0.1, 2, 32) for _ in range(2)]
-    res = autorank.optimize(model, 0.6, x, calibration=batches, curves={"max_groups": 4})
+    res = autorank.optimize(model, 0.6, x, calibration=batches, data=autorank.DataAware(output_weighting=False, output_allocation=False, sequential=False),  # the input-side errors
+                            compression=autorank.Compression(curves=autorank.CurveConfig(max_groups=4)))
     graph = autorank.analyze(model, x)
     moms = collect_moments(model, graph.layers, batches)
     for name, lp in res.plan.layers.items():

@@ -195,8 +195,10 @@ def test_optimize_with_output_weighting_tracks_the_model_output_better(sequentia
     ref = model(x).detach()
     errors = {}
     for ow in (False, True):
-        res = autorank.optimize(model, 0.5, x[:4], calibration=calib, output_weighting=ow, sequential=sequential,
-                                exclude=["1"], progress=False)
+        res = autorank.optimize(model, 0.5, x[:4], calibration=calib, progress=False,
+                                data=autorank.DataAware(output_weighting=ow, output_allocation=False,
+                                                        sequential=sequential),
+                                compression=autorank.Compression(exclude=["1"]))
         assert res.plan.config["output_weighting"] is ow
         assert ("output_moments" in res.timings) is ow
         with torch.no_grad():

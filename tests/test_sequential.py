@@ -188,8 +188,9 @@ CASES = [
 def test_sequential_lowers_output_error_on_the_calibration_data_at_the_same_cost(name, make, calib, budget):
     model, batches = make(), calib()
     x = torch.cat(batches)
-    plain = autorank.optimize(model, budget, batches[0], calibration=batches)
-    seq = autorank.optimize(model, budget, batches[0], calibration=batches, sequential=True)
+    plain = autorank.optimize(model, budget, batches[0], calibration=batches, data=autorank.DataAware(output_weighting=False, output_allocation=False, sequential=False))
+    seq = autorank.optimize(model, budget, batches[0], calibration=batches,
+                            data=autorank.DataAware(output_weighting=False, output_allocation=False, sequential=True))
     assert seq.plan.config["sequential"] and not plain.plan.config["sequential"]
     assert {n: lp.hyper for n, lp in seq.plan.layers.items()} == {n: lp.hyper for n, lp in plain.plan.layers.items()}
     assert seq.plan.totals == plain.plan.totals
@@ -226,15 +227,19 @@ def test_sequential_on_dict_inputs_with_padding_mask():
                 den += float((ref ** 2).sum())
         return (num / den) ** 0.5
 
-    plain = autorank.optimize(model, 0.6, batches[0], calibration=batches)
-    seq = autorank.optimize(model, 0.6, batches[0], calibration=batches, sequential=True)
+    plain = autorank.optimize(model, 0.6, batches[0], calibration=batches, data=autorank.DataAware(output_weighting=False, output_allocation=False, sequential=False))
+    seq = autorank.optimize(model, 0.6, batches[0], calibration=batches,
+                            data=autorank.DataAware(output_weighting=False, output_allocation=False, sequential=True))
     assert err(seq.model) < err(plain.model)
 
 
 def test_layers_of_families_that_do_not_fit_data_are_left_as_realised():
     model, batches = _cnn(), [torch.randn(2, 3, 10, 10) for _ in range(2)]
-    a = autorank.optimize(model, 0.5, batches[0], calibration=batches, families=["spatial_svd"])
-    b = autorank.optimize(model, 0.5, batches[0], calibration=batches, families=["spatial_svd"], sequential=True)
+    spatial = autorank.Compression(families=["spatial_svd"])
+    a = autorank.optimize(model, 0.5, batches[0], calibration=batches, compression=spatial,
+                          data=autorank.DataAware(sequential=False))
+    b = autorank.optimize(model, 0.5, batches[0], calibration=batches, compression=spatial,
+                          data=autorank.DataAware(sequential=True))
     for (n1, p1), (n2, p2) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
 

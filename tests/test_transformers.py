@@ -250,7 +250,8 @@ def test_calibration_beats_weight_only_on_the_calibration_tokens(arch):
     inputs = token_batch(arch, 3, 10, seed=0)
     calibration = [token_batch(arch, 4, 12, seed=s) for s in range(1, 5)]  # padded rows in every batch
     assert all(int(b["attention_mask"].sum()) < b["attention_mask"].numel() for b in calibration)
-    data = autorank.optimize(model, 0.6, inputs, calibration=calibration, progress=False)
+    data = autorank.optimize(model, 0.6, inputs, calibration=calibration, progress=False,
+                             data=autorank.DataAware(output_weighting=False, output_allocation=False, sequential=False))  # the input-side errors the test measures
     weight = autorank.optimize(model, 0.6, inputs, progress=False)
     assert data.plan.config["data_aware"] and not weight.plan.config["data_aware"]
     for r in (data, weight):

@@ -2,7 +2,9 @@ r"""ALDS allocators: the exact global step over every candidate of every enabled
 
 * ``"alds"`` (default): :func:`autorank.allocators.solve_curves` on the curves as they are.
 * ``"alds_output"``: the same step on output-weighted errors ``(g_l eps_l)^power``, with
-  ``g_l`` each layer's measured output gain (:func:`autorank.allocators.output_gains`).
+  ``g_l`` each layer's output gain: from the Gauss-Newton output moments when the
+  context has them (:func:`gauss_newton_gain`, no extra pass), else measured by probe
+  evaluations (:func:`autorank.allocators.output_gains`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from ..config import SolverConfig
+from ..layers import get_layer_handler
 from .base import AllocationContext, register_allocator, solve_curves
 from .evaluated import check_ratios, output_gains
 
-__all__ = ["alds_allocation", "alds_output_allocation", "output_weighted_error"]
+__all__ = ["alds_allocation", "alds_output_allocation", "output_weighted_error", "gauss_newton_gain",
+           "gauss_newton_gains", "GAIN_SOURCES"]
+
+GAIN_SOURCES = ("auto", "gauss_newton", "probes")
 
 log = logging.getLogger(__name__)
 
@@ -33,31 +40,80 @@ def output_weighted_error(error: np.ndarray, gain: float, power: float) -> np.nd
     return (gain * error) ** float(power)
 
 
+@torch.no_grad()
+def gauss_newton_gain(weight: torch.Tensor, moment: torch.Tensor, output_sum: torch.Tensor) -> float:
+    r"""``g = sqrt(tr(W M W^T G))``: the output error a layer carries, to first order.
+
+    ``W`` is the ``f x n`` weight matrix, ``M = E[x x^T]`` the input moment per row (``n x n``,
+    or its diagonal ``(n,)``), and ``G = sum_p g_p g_p^T`` the *sum* over every output position
+    ``p`` of the calibration data of the probed output gradients, so ``E_r[G] = sum_p J_p^T J_p``
+    (:func:`autorank.calibration.collect_output_moments`).  A layer error ``R = W - W_hat``
+    then moves the model's output by ``E ||sum_p J_p R x_p||^2 ~= tr(R M R^T G)`` (inputs and
+    Jacobians independent, as in K-FAC), and a relative error ``eps = ||R||/||W||`` in the
+    measure the curves use moves it by about ``eps^2 tr(W M W^T G) = (g eps)^2``.
+    """
+    w = weight.detach().to(torch.float64)
+    m = moment.to(torch.float64)
+    wm = w * m if m.dim() == 1 else w @ m
+    return float(((output_sum.to(torch.float64) @ w) * wm).sum().clamp_min(0.0).sqrt())
+
+
+def gauss_newton_gains(ctx: AllocationContext) -> dict[str, float] | None:
+    """:func:`gauss_newton_gain` of every layer, or None when a layer lacks either moment."""
+    moments, outputs = ctx.moments or {}, ctx.outputs or {}
+    if not ctx.curves or any(n not in moments or n not in outputs for n in ctx.curves):
+        return None
+    model = ctx.dense_model()
+    gains = {}
+    for name in ctx.curves:
+        module = model.get_submodule(name)
+        gains[name] = gauss_newton_gain(get_layer_handler(module).weight_matrix(module), moments[name].matrix,
+                                        outputs[name].sum)
+    return gains
+
+
 def alds_output_allocation(
     ctx: AllocationContext,
     *,
     probes: Sequence[float] = (0.25, 0.5),
     cache_path: str | os.PathLike | None = None,
     power: float = 2.0,
+    gains: str = "auto",
 ) -> dict[str, int]:
     r"""ALDS on output-weighted errors: the exact global step over ``(g_l eps_l)^power``.
 
     Each layer's error curve (every candidate of every enabled family, weight-only or
-    data-aware) is scaled by its measured output gain ``g_l`` (:func:`output_gains`), so
-    ``g_l eps_l`` predicts the error the layer causes at the model's output (to first
-    order).  Errors from different layers add roughly in quadrature, so the solver
-    minimises ``sum_l log(1 + (g_l eps_l)^2) ~= sum_l (g_l eps_l)^2`` (the sum objective)
-    under the budget (``power=2``; ``power=1`` assumes the errors add coherently).  It
-    costs one evaluation per layer and probe on top of ALDS.
+    data-aware) is scaled by its output gain ``g_l``, so ``g_l eps_l`` predicts the error
+    the layer causes at the model's output (to first order).  Errors from different layers
+    add roughly in quadrature, so the solver minimises
+    ``sum_l log(1 + (g_l eps_l)^2) ~= sum_l (g_l eps_l)^2`` (the sum objective) under the
+    budget (``power=2``; ``power=1`` assumes the errors add coherently).
+
+    ``gains``: ``"gauss_newton"`` takes ``g_l`` from the calibration moments
+    (:func:`gauss_newton_gain`; free once the output moments are collected);
+    ``"probes"`` measures it, one evaluation per layer and probe (:func:`output_gains`,
+    with ``ctx.evaluate`` if given, else the model's own output on the example inputs);
+    ``"auto"`` (default) uses the user's ``evaluate`` when there is one, else the
+    Gauss-Newton gains when every layer has both moments, else the probes.
     """
     probes = check_ratios(probes)
     if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0.25 <= float(power) <= 8:
         raise ValueError(f"alds_output: power must be a number in [0.25, 8], got {power!r}")
-    gains = output_gains(ctx, probes, cache_path)
-    scaled = {n: replace(lc, error=output_weighted_error(lc.error, gains[n], power)) for n, lc in ctx.curves.items()}
+    if gains not in GAIN_SOURCES:
+        raise ValueError(f"alds_output: gains must be one of {GAIN_SOURCES}, got {gains!r}")
+    found = None
+    if gains == "gauss_newton" or (gains == "auto" and ctx.evaluate is None):
+        found = gauss_newton_gains(ctx)
+        if found is None and gains == "gauss_newton":
+            raise ValueError("alds_output: gains='gauss_newton' needs the input and output moments of every layer: "
+                             "pass calibration=... (the output moments are collected with it)")
+    measured = found if found is not None else output_gains(ctx, probes, cache_path)
+    scaled = {n: replace(lc, error=output_weighted_error(lc.error, measured[n], power))
+              for n, lc in ctx.curves.items()}
     solver = SolverConfig(objective="sum", method=ctx.solver.method if ctx.solver.objective == "sum" else "auto",
                           dp_bins=ctx.solver.dp_bins)
-    log.info("alds_output: gains %s", {n: round(g, 3) for n, g in gains.items()})
+    log.info("alds_output: %s gains %s", "Gauss-Newton" if found is not None else "measured",
+             {n: round(g, 3) for n, g in measured.items()})
     return solve_curves(scaled, ctx.budget, ctx.metric, ctx.total, ctx.fixed, solver)
 
 

@@ -40,6 +40,8 @@ class AllocationContext:
     example_inputs: the inputs ``optimize`` was given.
     moments:  ``{layer: Moments}`` of the calibration data, or None (weight-only).
     evaluate: the user's ``evaluate(model) -> float`` (higher is better), or None.
+    outputs:  ``{layer: Moments}`` of the layers' output gradients (the Gauss-Newton output
+              moments of :func:`autorank.calibration.collect_output_moments`), or None.
     cache:    a dict the allocator may use to keep results between calls with the
               same model (e.g. a sensitivity table); ``optimize`` keeps one per run.
     """
@@ -55,6 +57,7 @@ class AllocationContext:
     moments: Mapping[str, Any] | None = None
     evaluate: Callable[[Any], float] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    outputs: Mapping[str, Any] | None = None
 
     @property
     def room(self) -> float:
@@ -151,7 +154,7 @@ def allocate(
     ``allocator`` names a registered allocator (``available_allocators()``) or is a
     callable taking an :class:`autorank.allocators.AllocationContext`; ``context``
     fills that context's optional fields (``model``, ``example_inputs``, ``moments``,
-    ``evaluate``, ``cache``) for allocators that use data or evaluations.
+    ``evaluate``, ``cache``, ``outputs``) for allocators that use data or evaluations.
     Returns ``({layer: candidate index}, largest error)``.
 
     Raises:
