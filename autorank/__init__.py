@@ -9,9 +9,9 @@ The steps ``optimize`` is built from are public for experts: :func:`analyze`
 """
 
 from . import measures
-from .allocators import AllocationContext, available_allocators, register_allocator
-from .api import CompressStep, OptimizeResult, allocate, make_plan, optimize, solve_curves
-from .config import CurveConfig, SolverConfig
+from .allocators import AllocationContext, allocate, available_allocators, register_allocator, solve_curves
+from .api import optimize
+from .config import Compression, CurveConfig, DataAware, Retrain, SolverConfig
 from .curves import LayerCurves, build_curves
 from .distill import EncoderDistill
 from .finetune import Finetune
@@ -20,14 +20,20 @@ from .graph import LayerGraph, LayerInfo, analyze, count_flops, count_params
 from .io import load, load_plan, save
 from .layers import LayerHandler, register_layer_handler
 from .families.alds import GroupedLowRankConv, GroupedLowRankLinear
+from .pipeline import CompressStep, Settings, make_plan
 from .plan import LayerPlan, Plan
 from .realize import densify, realize
 from .refine import Refine
+from .result import OptimizeResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "optimize",
+    "Compression",
+    "DataAware",
+    "Retrain",
+    "Settings",
     "Finetune",
     "EncoderDistill",
     "Refine",

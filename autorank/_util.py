@@ -1,4 +1,4 @@
-"""Small runtime helpers: progress bars, thread control, deprecated aliases of moved names."""
+"""Small runtime helpers: progress bars, thread control, deprecated aliases of moved modules and names."""
 
 from __future__ import annotations
 
@@ -122,3 +122,23 @@ def moved_names(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
         return getattr(importlib.import_module(target), name)
 
     return __getattr__
+
+
+def moved_module(old: str, new: str) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+    """``(__getattr__, __dir__, __all__)`` for a deprecated alias module ``old`` of the module ``new``.
+
+    An alias module is three lines, ``__getattr__, __dir__, __all__ = moved_module(OLD, NEW)``:
+    importing it issues one ``DeprecationWarning`` and imports ``new``; every attribute
+    (public or not) is then looked up on ``new``, so ``from OLD import name`` keeps working.
+    """
+    warnings.warn(f"{old} is deprecated and will be removed; import {new} instead", DeprecationWarning,
+                  stacklevel=3)
+    target = importlib.import_module(new)
+
+    def __getattr__(name: str) -> Any:
+        return getattr(target, name)
+
+    def __dir__() -> list[str]:
+        return dir(target)
+
+    return __getattr__, __dir__, list(getattr(target, "__all__", ()))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import InitVar, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .registry import FAMILIES
 
-__all__ = ["CurveConfig", "SolverConfig", "check_budget", "check_metric", "METRICS"]
+__all__ = ["CurveConfig", "SolverConfig", "Compression", "DataAware", "Retrain", "check_budget", "check_metric",
+           "resolve_data_parts", "as_config", "METRICS"]
 
 METRICS = ("params", "flops")
 OBJECTIVES = ("max", "sum")
@@ -156,3 +158,215 @@ class SolverConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ---- the grouped settings of optimize ------------------------------------------------------------
+
+def _from_dict(cls: type, data: Any, nested: dict[str, type] | None = None) -> Any:
+    """``cls(**data)`` with unknown keys rejected by name and ``nested`` fields built from their dicts."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}.from_dict needs a dict, got {type(data).__name__}")
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - known - {"version"})
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kw = {k: v for k, v in data.items() if k != "version"}
+    for key, sub in (nested or {}).items():
+        if isinstance(kw.get(key), dict):
+            kw[key] = sub(**kw[key])
+    return cls(**kw)
+
+
+def callable_name(fn: Any) -> str:
+    """A string as is; else the name of a function (of the function inside a ``functools.partial``)."""
+    if isinstance(fn, str):
+        return fn
+    func = getattr(fn, "func", fn)
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def as_config(value: Any, cls: type, name: str) -> Any:
+    """``value`` as a ``cls``: None gives the defaults, a dict its fields; anything else is a TypeError."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**value)
+    raise TypeError(f"{name} must be a {cls.__name__} (autorank.{cls.__name__}), a dict of its fields or None, "
+                    f"got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What to compress, how its candidates are made and how they are chosen.
+
+    curves:     the local step (:class:`CurveConfig`): families, candidate groups, error bound.
+    families:   shorthand for ``curves=CurveConfig(families=...)`` (it replaces ``curves.families``).
+    solver:     the global step (:class:`SolverConfig`).
+    allocator:  the rank-selection rule: a name from ``autorank.available_allocators()`` or a
+                callable of an ``AllocationContext`` (a callable is recorded by its name and does
+                not round-trip through JSON).  With calibration data and the default ``"alds"``,
+                :class:`DataAware` may switch it to ``"alds_output"``.
+    exclude:    ``fnmatch`` patterns of qualified module names to keep dense.
+    embeddings: also factorise ``nn.Embedding`` tables (not tied ones).
+    """
+
+    curves: CurveConfig = field(default_factory=CurveConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    allocator: Any = "alds"
+    exclude: tuple[str, ...] = ()
+    embeddings: bool = False
+    families: InitVar[Any] = None
+    version: int = 1
+
+    def __post_init__(self, families: Any) -> None:
+        object.__setattr__(self, "curves", as_config(self.curves, CurveConfig, "Compression.curves"))
+        object.__setattr__(self, "solver", as_config(self.solver, SolverConfig, "Compression.solver"))
+        if families is not None:
+            object.__setattr__(self, "curves", replace(self.curves, families=families))
+        if not (isinstance(self.allocator, str) or callable(self.allocator)):
+            raise TypeError(f"Compression.allocator must be a name or a callable, got {self.allocator!r}")
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        try:
+            exclude = tuple(exclude)
+        except TypeError:
+            raise TypeError(f"Compression.exclude must be a sequence of name patterns, got {self.exclude!r}") from None
+        if not all(isinstance(p, str) for p in exclude):
+            raise TypeError(f"Compression.exclude must hold name patterns (strings), got {self.exclude!r}")
+        object.__setattr__(self, "exclude", exclude)
+        if not isinstance(self.embeddings, bool):
+            raise TypeError(f"Compression.embeddings must be a bool, got {self.embeddings!r}")
+
+    @property
+    def allocator_name(self) -> str:
+        """The allocator's registered name (a callable's name)."""
+        return callable_name(self.allocator)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "curves": self.curves.to_dict(), "solver": self.solver.to_dict(),
+                "allocator": self.allocator_name, "exclude": list(self.exclude), "embeddings": self.embeddings}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Compression":
+        return _from_dict(cls, data, {"curves": CurveConfig, "solver": SolverConfig})
+
+
+#: the parts of the data-aware recipe, in the order they act (see docs/data_aware.md)
+DATA_PARTS = ("output_weighting", "output_allocation", "sequential")
+
+
+@dataclass(frozen=True)
+class DataAware:
+    """How calibration data is used (``optimize(..., calibration=batches)``).
+
+    Each part is ``None`` (the default: decided by :func:`resolve_data_parts`), ``True``
+    (required: an error without calibration data) or ``False`` (off, e.g. for ablations or speed).
+
+    output_weighting:  two-sided whitened errors and factors, each layer's output error
+                       weighted by its output Gauss-Newton moment (:mod:`autorank.calibration`).
+    output_allocation: with the default allocator ``"alds"``, allocate with ``"alds_output"``,
+                       which weighs each layer by how much its error moves the model's output.
+    sequential:        refit the factorised layers in execution order to the original layers'
+                       outputs on the compressed model's own inputs (:mod:`autorank.sequential`).
+    output:            ``fn(model_output) -> Tensor``: the output the output-aware parts measure
+                       (default: the primary output tensor); not recorded in JSON.
+    """
+
+    output_weighting: bool | None = None
+    output_allocation: bool | None = None
+    sequential: bool | None = None
+    output: Any = None
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        for name in DATA_PARTS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"DataAware.{name} must be a bool or None, got {value!r}")
+        if self.output is not None and not callable(self.output):
+            raise TypeError(f"DataAware.output must be a callable fn(model_output) -> Tensor or None, "
+                            f"got {self.output!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, **{name: getattr(self, name) for name in DATA_PARTS}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DataAware":
+        return _from_dict(cls, data)
+
+
+#: the default of each data-aware part when calibration data is given and the part is None
+DATA_DEFAULTS = {"output_weighting": False, "output_allocation": False, "sequential": False}
+
+
+def resolve_data_parts(data: DataAware, calibrated: bool) -> dict[str, bool]:
+    """Which parts of the data-aware recipe run: the explicit choices, else :data:`DATA_DEFAULTS`.
+
+    Without calibration data every part is off, and asking for one is a ``ValueError``.
+    """
+    if not calibrated:
+        asked = [name for name in DATA_PARTS if getattr(data, name) is True]
+        if asked:
+            raise ValueError(f"DataAware.{asked[0]}=True uses calibration data: pass calibration=...")
+        return {name: False for name in DATA_PARTS}
+    return {name: DATA_DEFAULTS[name] if getattr(data, name) is None else getattr(data, name)
+            for name in DATA_PARTS}
+
+
+SCHEDULE_NAMES = ("one-shot", "linear", "geometric")
+MODES = ("cascade", "one-shot")
+
+
+@dataclass(frozen=True)
+class Retrain:
+    """How the compress -> fine-tune schedule runs (with ``optimize(..., finetune=..., steps=n)``).
+
+    schedule:   ``"one-shot"``, ``"linear"``, ``"geometric"`` or an explicit list of strictly
+                decreasing budgets ending at the target (see :mod:`autorank.retrain`).
+    mode:       ``"cascade"`` compresses the fine-tuned model further at each step;
+                ``"one-shot"`` compresses the original model each time.
+    min_metric: stop early once ``evaluate`` falls below this value (the result is then the last
+                step that met it, at a larger budget than asked).
+    checkpoint: a directory where every finished step is saved; a re-run resumes from it.
+    """
+
+    schedule: Any = "geometric"
+    mode: str = "cascade"
+    min_metric: float | None = None
+    checkpoint: Any = None
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.schedule, str):
+            if self.schedule not in SCHEDULE_NAMES:
+                raise ValueError(f"schedule must be one of {SCHEDULE_NAMES} or a list of budgets, "
+                                 f"got {self.schedule!r}")
+        elif isinstance(self.schedule, (list, tuple)):
+            budgets = tuple(check_budget(b) for b in self.schedule)
+            if not budgets:
+                raise ValueError("schedule: an explicit list of budgets must not be empty")
+            if any(b2 >= b1 for b1, b2 in zip(budgets, budgets[1:])):
+                raise ValueError(f"schedule: budgets must decrease strictly, got {list(self.schedule)}")
+            object.__setattr__(self, "schedule", budgets)
+        else:
+            raise TypeError(f"schedule must be a name or a list of budgets, got {type(self.schedule).__name__}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        m = self.min_metric
+        if m is not None:
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or math.isnan(m):
+                raise TypeError(f"min_metric must be a number, got {m!r}")
+            object.__setattr__(self, "min_metric", float(m))
+        if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a directory path, got {type(self.checkpoint).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version,
+                "schedule": self.schedule if isinstance(self.schedule, str) else list(self.schedule),
+                "mode": self.mode, "min_metric": self.min_metric,
+                "checkpoint": None if self.checkpoint is None else os.fspath(self.checkpoint)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Retrain":
+        return _from_dict(cls, data)

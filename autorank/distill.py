@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._util import seeded_rng, show_progress
-from .finetune import _is_int, _is_positive_finite, _is_real, _to_device, module_device
+from .finetune import module_device
+from .nested import to_device
+from .validate import check_bool, check_count, check_int, check_nonnegative, check_positive, check_range
 
 __all__ = ["EncoderDistill", "mean_pool", "last_hidden", "lr_scale", "budget_fraction"]
 
@@ -183,25 +185,23 @@ class EncoderDistill:
     def __post_init__(self) -> None:
         if self.minutes is None and self.max_steps is None:
             raise ValueError("EncoderDistill needs a budget: minutes=, max_steps= or both, got neither")
-        if self.minutes is not None and not _is_positive_finite(self.minutes):
-            raise ValueError(f"EncoderDistill.minutes must be a positive finite number or None, got {self.minutes!r}")
-        if self.max_steps is not None and not (_is_int(self.max_steps) and self.max_steps > 0):
-            raise ValueError(f"EncoderDistill.max_steps must be a positive int or None, got {self.max_steps!r}")
-        if not _is_positive_finite(self.lr):
-            raise ValueError(f"EncoderDistill.lr must be a positive finite number, got {self.lr!r}")
-        if not _is_real(self.warmup) or not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"EncoderDistill.warmup must be a number in [0, 1), got {self.warmup!r}")
-        if not _is_real(self.hidden_weight) or not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
-            raise ValueError(f"EncoderDistill.hidden_weight must be a finite number >= 0, got {self.hidden_weight!r}")
+        check_positive("EncoderDistill.minutes", self.minutes, optional=True)
+        check_count("EncoderDistill.max_steps", self.max_steps, optional=True, allow_numpy=True)
+        check_positive("EncoderDistill.lr", self.lr)
+        check_range("EncoderDistill.warmup", self.warmup, 0.0, 1.0)
+        check_nonnegative("EncoderDistill.hidden_weight", self.hidden_weight)
         for name in ("dropout", "freeze_embeddings", "cache_teacher"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"EncoderDistill.{name} must be a bool, got {getattr(self, name)!r}")
-        if not _is_int(self.seed):
-            raise TypeError(f"EncoderDistill.seed must be an int, got {self.seed!r}")
-        if self.seed < 0:
-            raise ValueError(f"EncoderDistill.seed must be >= 0, got {self.seed!r}")
-        if self.progress is not None and not isinstance(self.progress, bool):
-            raise TypeError(f"EncoderDistill.progress must be True, False or None, got {self.progress!r}")
+            check_bool(f"EncoderDistill.{name}", getattr(self, name))
+        check_int("EncoderDistill.seed", self.seed, low=0, allow_numpy=True)
+        check_bool("EncoderDistill.progress", self.progress, optional=True)
+
+    def fit(self, model: nn.Module, context: Any) -> dict[str, float]:
+        """The fine-tune protocol (``optimize(..., finetune=EncoderDistill(...))``): distil ``model``
+        towards the original model on the calibration batches."""
+        if context.calibration is None:
+            raise ValueError("EncoderDistill as finetune= distils on the calibration batches: pass calibration=... "
+                             "(keyword-argument batches with an attention_mask) to optimize")
+        return self(model, context.teacher, list(context.calibration))
 
     def __call__(self, student: nn.Module, teacher: nn.Module,
                  batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, float]:
@@ -214,7 +214,7 @@ class EncoderDistill:
             teacher: The original model; it runs in eval mode under ``no_grad`` (every
                 module's training mode is restored afterwards) and is never changed.
             batches: A sequence of keyword-argument batches with an ``attention_mask``
-                (e.g. :func:`autorank.text.tokenize_batches`), visited in a seeded random
+                (e.g. :func:`autorank.apps.text.tokenize_batches`), visited in a seeded random
                 order each epoch.
 
         Returns:
@@ -249,7 +249,7 @@ class EncoderDistill:
                             break
                         for group in opt.param_groups:
                             group["lr"] = self.lr * lr_scale(frac, self.warmup)
-                        batch = _to_device(dict(batches[i]), device)
+                        batch = to_device(dict(batches[i]), device)
                         target = cache[i] if i in cache else self._teacher_outputs(teacher, batch, hidden)
                         if self.cache_teacher:
                             cache[i] = target
@@ -284,7 +284,7 @@ class EncoderDistill:
     def _teacher_outputs(teacher: nn.Module, batch: dict[str, torch.Tensor], hidden: bool) -> Target:
         """The teacher's last token states at the real tokens, pooled embeddings and intermediate states, in float32."""
         keep = batch["attention_mask"].bool()
-        inputs = _to_device(batch, module_device(teacher))
+        inputs = to_device(batch, module_device(teacher))
         with torch.no_grad():
             out = teacher(**inputs, output_hidden_states=True) if hidden else teacher(**inputs)
         last = last_hidden(out).to(keep.device, torch.float32)

@@ -1,13 +1,5 @@
-"""Deprecated alias of :mod:`autorank.measures` (the error measures; the old name read as exceptions).
+"""Deprecated alias of :mod:`autorank.measures` (the error measures; the old name read as exceptions)."""
 
-``import autorank.errors`` warns (``DeprecationWarning``) and gives the names of
-:mod:`autorank.measures`; import them from there instead.
-"""
+from ._util import moved_module
 
-import warnings
-
-from .measures import *  # noqa: F401,F403
-from .measures import __all__  # noqa: F401
-
-warnings.warn("autorank.errors is deprecated: the error measures are in autorank.measures",
-              DeprecationWarning, stacklevel=2)
+__getattr__, __dir__, __all__ = moved_module(__name__, "autorank.measures")

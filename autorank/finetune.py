@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -24,8 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ._util import seeded_rng, show_progress
+from .nested import to_device
+from .validate import (
+    check_bool, check_choice, check_count, check_int, check_nonnegative, check_positive, check_range,
+)
 
-__all__ = ["Finetune", "distillation_loss"]
+__all__ = ["Finetune", "FinetuneContext", "run_finetuner", "check_finetuner", "distillation_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +62,7 @@ def distillation_loss(
         )
     if student_logits.dim() == 0:
         raise ValueError("logits must have at least one (class) dimension, got a scalar")
-    if not _is_positive_finite(temperature):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    check_positive("temperature", temperature)
     num_classes = student_logits.shape[-1]
     student = student_logits.reshape(-1, num_classes) / temperature
     teacher = teacher_logits.detach().reshape(-1, num_classes).to(student.dtype) / temperature
@@ -134,28 +136,15 @@ class Finetune:
                 "Finetune.train_loader must be a Dataset or an iterable of "
                 f"(inputs, targets) batches, got {type(loader).__name__}"
             )
-        if not _is_positive_finite(self.epochs):
-            raise ValueError(f"Finetune.epochs must be a positive finite number, got {self.epochs!r}")
-        if not _is_positive_finite(self.lr):
-            raise ValueError(f"Finetune.lr must be a positive finite number, got {self.lr!r}")
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        if not _is_real(self.momentum) or not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"Finetune.momentum must be a number in [0, 1), got {self.momentum!r}")
-        if not _is_real(self.weight_decay) or not (
-            math.isfinite(self.weight_decay) and self.weight_decay >= 0
-        ):
-            raise ValueError(
-                f"Finetune.weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
-            )
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        if not isinstance(self.distill, bool):
-            raise TypeError(f"Finetune.distill must be a bool, got {self.distill!r}")
-        if not _is_positive_finite(self.temperature):
-            raise ValueError(
-                f"Finetune.temperature must be a positive finite number, got {self.temperature!r}"
-            )
-        if not _is_real(self.alpha) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"Finetune.alpha must be a number in [0, 1], got {self.alpha!r}")
+        check_positive("Finetune.epochs", self.epochs)
+        check_positive("Finetune.lr", self.lr)
+        check_choice("Finetune.optimizer", self.optimizer, OPTIMIZERS, require_str=True)
+        check_range("Finetune.momentum", self.momentum, 0.0, 1.0)
+        check_nonnegative("Finetune.weight_decay", self.weight_decay)
+        check_choice("Finetune.lr_schedule", self.lr_schedule, LR_SCHEDULES, require_str=True)
+        check_bool("Finetune.distill", self.distill)
+        check_positive("Finetune.temperature", self.temperature)
+        check_range("Finetune.alpha", self.alpha, 0.0, 1.0, closed=True)
         if self.device is not None:
             if not isinstance(self.device, (str, torch.device)):
                 raise TypeError(
@@ -165,20 +154,12 @@ class Finetune:
                 torch.device(self.device)
             except RuntimeError as exc:
                 raise ValueError(f"Finetune.device is not a valid device, got {self.device!r}") from exc
-        if self.seed is not None and not _is_int(self.seed):
-            raise TypeError(f"Finetune.seed must be an int or None, got {self.seed!r}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"Finetune.seed must be >= 0, got {self.seed!r}")
-        if self.max_steps is not None and not (_is_int(self.max_steps) and self.max_steps > 0):
-            raise ValueError(
-                f"Finetune.max_steps must be a positive int or None, got {self.max_steps!r}"
-            )
-        if self.progress is not None and not isinstance(self.progress, bool):
-            raise TypeError(f"Finetune.progress must be True, False or None, got {self.progress!r}")
+        check_int("Finetune.seed", self.seed, low=0, optional=True, allow_numpy=True)
+        check_count("Finetune.max_steps", self.max_steps, optional=True, allow_numpy=True)
+        check_bool("Finetune.progress", self.progress, optional=True)
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"Finetune.loss_fn must be callable or None, got {self.loss_fn!r}")
-        if not (_is_int(self.batch_size) and self.batch_size > 0):
-            raise ValueError(f"Finetune.batch_size must be a positive int, got {self.batch_size!r}")
+        check_count("Finetune.batch_size", self.batch_size, allow_numpy=True)
 
     def __call__(self, model: nn.Module, step: int = 0, teacher: nn.Module | None = None) -> dict:
         """Train ``model`` in place and return a summary of the run.
@@ -202,8 +183,7 @@ class Finetune:
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not (_is_int(step) and step >= 0):
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        check_count("step", step, low=0, allow_numpy=True)
         if self.distill:
             if teacher is None:
                 raise ValueError("Finetune(distill=True) needs a teacher model, got teacher=None")
@@ -298,6 +278,10 @@ class Finetune:
             "time_s": elapsed,
         }
 
+    def fit(self, model: nn.Module, context: "FinetuneContext") -> dict:
+        """The fine-tune protocol (:func:`run_finetuner`): train ``model``, distilling from the original if asked."""
+        return self(model, context.step, teacher=context.teacher if self.distill else None)
+
     def _batch_loss(
         self,
         model: nn.Module,
@@ -308,12 +292,12 @@ class Finetune:
     ) -> torch.Tensor:
         """Task loss of one batch, mixed with the distillation term when a teacher is given."""
         inputs, targets = _split_batch(batch)
-        logits = model(_to_device(inputs, device))
-        loss = loss_fn(logits, _to_device(targets, device))
+        logits = model(to_device(inputs, device))
+        loss = loss_fn(logits, to_device(targets, device))
         if teacher is None:
             return loss
         with torch.no_grad():
-            teacher_logits = teacher(_to_device(inputs, module_device(teacher)))
+            teacher_logits = teacher(to_device(inputs, module_device(teacher)))
         kd = distillation_loss(logits, teacher_logits.to(logits.device), self.temperature)
         return (1.0 - self.alpha) * loss + self.alpha * kd
 
@@ -388,18 +372,6 @@ def _split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
-def _to_device(data: Any, device: torch.device) -> Any:
-    if isinstance(data, torch.Tensor):
-        return data.to(device, non_blocking=True)
-    if isinstance(data, Mapping):
-        return type(data)({k: _to_device(v, device) for k, v in data.items()})
-    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
-        return type(data)(*(_to_device(v, device) for v in data))
-    if isinstance(data, (tuple, list)):
-        return type(data)(_to_device(v, device) for v in data)
-    return data
-
-
 def _safe_len(loader: Iterable) -> int | None:
     try:
         return len(loader)  # type: ignore[arg-type]
@@ -418,20 +390,40 @@ def _cycle(loader: Iterable) -> Iterator[Any]:
             return
 
 
-def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"Finetune.{field} must be a str, one of {choices}, got {value!r}")
-    if value not in choices:
-        raise ValueError(f"Finetune.{field} must be one of {choices}, got {value!r}")
+# ---- the one fine-tune protocol ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FinetuneContext:
+    """What a fine-tuner is told at one step of a compress -> fine-tune schedule.
+
+    step:           the step, from 1.
+    teacher:        the original model (a distillation teacher; never modify it).
+    calibration:    the calibration batches given to ``optimize``, or None.
+    example_inputs: the example inputs given to ``optimize``.
+    """
+
+    step: int
+    teacher: nn.Module
+    calibration: Any = None
+    example_inputs: Any = None
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+def run_finetuner(finetune: Any, model: nn.Module, context: FinetuneContext) -> dict[str, Any]:
+    """Run one fine-tuning step of ``model`` (in place); the summary it returns, else ``{}``.
+
+    The protocol: an object with a ``fit(model, context)`` method (:class:`Finetune`,
+    :class:`autorank.EncoderDistill`, or your own class that needs the teacher or the data)
+    is called with the :class:`FinetuneContext`; any other callable as ``finetune(model, step)``.
+    """
+    fit = getattr(finetune, "fit", None)
+    out = fit(model, context) if callable(fit) else finetune(model, context.step)
+    return dict(out) if isinstance(out, Mapping) else {}
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
-def _is_positive_finite(value: Any) -> bool:
-    return _is_real(value) and math.isfinite(value) and value > 0
+def check_finetuner(finetune: Any) -> None:
+    """TypeError unless ``finetune`` is None or follows the protocol of :func:`run_finetuner`."""
+    if finetune is not None and not callable(finetune) and not callable(getattr(finetune, "fit", None)):
+        raise TypeError(
+            "finetune must be None, an autorank.Finetune or a callable finetune(model, step) -> None "
+            f"(or an object with fit(model, context), such as autorank.EncoderDistill), got {type(finetune).__name__}"
+        )

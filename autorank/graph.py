@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 
 from .layers import get_layer_handler, kernel_numel
+from .nested import map_tensors, run_model, tensors
 
-__all__ = ["LayerInfo", "LayerGraph", "analyze", "run_model", "count_params", "count_flops"]
+__all__ = ["LayerInfo", "LayerGraph", "analyze", "run_model", "replace_module", "count_params", "count_flops"]
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,11 @@ class LayerGraph:
         return max(0, self.total_flops - sum(l.dense_flops for l in self.layers.values()))
 
 
-def run_model(model: nn.Module, example_inputs: Any) -> Any:
-    """Call ``model`` on example inputs: a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the qualified ``name`` inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def _check_inputs(example_inputs: Any) -> None:
@@ -111,33 +110,12 @@ def _check_inputs(example_inputs: Any) -> None:
         )
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """All tensors inside nested tuples/lists/dicts/dataclass-like outputs."""
-    out: list[torch.Tensor] = []
-    stack = [obj]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, torch.Tensor):
-            out.append(o)
-        elif isinstance(o, Mapping):
-            stack.extend(o.values())
-        elif isinstance(o, (tuple, list)):
-            stack.extend(o)
-        elif hasattr(o, "to_tuple"):  # transformers ModelOutput
-            stack.extend(o.to_tuple())
-    return out
+def _last_first(obj: Any) -> list[torch.Tensor]:
+    """The tensors of ``obj``, last first: the order analyze has always read them in (``in_shape``, edges)."""
+    return tensors(obj)[::-1]
 
 
-def _map_tensors(obj: Any, fn) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(v, fn) for v in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(v, fn) for v in obj]
-    return obj
+_tensors = _last_first  # the old name: refine.py reads it until it uses autorank.nested (issue #18)
 
 
 def count_params(model: nn.Module) -> int:
@@ -155,8 +133,8 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    inputs = _map_tensors(example_inputs,
-                          lambda t: t.detach().requires_grad_(True) if t.is_floating_point() else t)
+    inputs = map_tensors(example_inputs,
+                         lambda t: t.detach().requires_grad_(True) if t.is_floating_point() else t)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -222,7 +200,7 @@ def analyze(
     def pre_hook(name):
         def hook(mod, args, kwargs):
             rec = records[name]
-            ts = _tensors((args, kwargs))
+            ts = _last_first((args, kwargs))
             rec["inputs"].extend(t.grad_fn for t in ts if t.grad_fn is not None)
             rec["input_leaves"].extend(id(t) for t in ts if t.requires_grad and t.grad_fn is None)
             if ts and "in_shape" not in rec:
@@ -234,7 +212,7 @@ def analyze(
         def hook(mod, args, kwargs, output):
             rec = records[name]
             rec["calls"] += 1
-            outs = _tensors(output)
+            outs = _last_first(output)
             if outs:
                 rec.setdefault("out_shape", tuple(outs[0].shape))
                 handler = get_layer_handler(mod)
@@ -251,11 +229,11 @@ def analyze(
     grad_flags = [p.requires_grad for p in params]
     was_training = {n: m.training for n, m in named.items()}
     handles = []
-    inputs_req = _map_tensors(
+    inputs_req = map_tensors(
         example_inputs,
         lambda t: t.detach().requires_grad_(True) if t.is_floating_point() else t,
     )
-    input_leaves = _tensors(inputs_req)
+    input_leaves = tensors(inputs_req)  # only their ids count
     try:
         for p in params:
             p.requires_grad_(True)
@@ -326,7 +304,7 @@ def analyze(
         for s in srcs:
             if s != name:
                 g.add_edge(s, name)
-    for t in _tensors(output):
+    for t in _last_first(output):
         if t.grad_fn is not None:
             for s in sources(t.grad_fn):
                 g.add_edge(s, OUTPUT)

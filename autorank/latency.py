@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .graph import run_model
+from .nested import run_model
 from .plan import Plan
+from .validate import check_count
 
 __all__ = ["measure_latency", "layer_latencies"]
 
@@ -31,12 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def _check_counts(repeats: Any, warmup: Any, threads: Any) -> None:
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    check_count("repeats", repeats)
+    check_count("warmup", warmup, low=0)
+    check_count("threads", threads, optional=True)
 
 
 def measure_latency(

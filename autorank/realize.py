@@ -9,17 +9,11 @@ import torch.nn as nn
 
 from ._util import parallel_map
 from .families import get_family, output_kwargs
+from .graph import replace_module
 from .modules import Factorized
 from .plan import Plan
 
 __all__ = ["realize", "replace_module", "densify"]
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at the qualified ``name`` inside ``model``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def realize(

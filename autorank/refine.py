@@ -13,8 +13,9 @@ about, measured on held-out batches:
   ``p``: the solver sees ``(w_g * eps)^p``, which makes the knapsack more (``p > 1``)
   or less (``p < 1``) averse to large single-layer errors.
 
-Every trial allocates on the same curves (no new SVDs), realises the plan on a
-copy of the model and scores it batch by batch; the running mean is reported
+Every trial allocates on the same curves (no new SVDs), builds the plan on a
+copy of the model exactly as the result is built (the sequential refit included
+when the data-aware recipe runs it) and scores it batch by batch; the running mean is reported
 to Optuna after each batch, so a :class:`optuna.pruners.MedianPruner` stops
 hopeless trials early.  Trial 0 is always the unrefined setting, so the gain is
 measured against it, and the result is reproducible for a given ``seed`` (TPE
@@ -133,8 +134,6 @@ def run_refine(work: nn.Module, budget: float, step: Any, refine: Refine) -> Any
     """Prepare once, run the Optuna study, then realise the best trial on ``work`` (in place)."""
     import optuna
 
-    from .api import _finish, allocate
-
     t0 = time.perf_counter()
     prep = step.prepare(work)
     dense = copy.deepcopy(work)
@@ -146,7 +145,7 @@ def run_refine(work: nn.Module, budget: float, step: Any, refine: Refine) -> Any
     metric = refine.metric or output_fidelity
     groups = sorted({layer_type(n) for n in prep.curves})
     cache: dict[str, Any] = {}
-    base_solver = step.solver
+    base_solver = step.settings.solver
 
     def settings(trial) -> tuple[dict[str, float], SolverConfig, float]:
         weights = {}
@@ -162,16 +161,14 @@ def run_refine(work: nn.Module, budget: float, step: Any, refine: Refine) -> Any
 
     def pick(weights, solver, exponent):
         curves = _weighted_curves(prep.curves, weights, exponent) if weights or exponent != 1.0 else prep.curves
-        picked, _ = allocate(curves, budget, step.metric, prep.total, prep.fixed, solver, step.allocator,
-                             model=work, example_inputs=step.example_inputs, moments=prep.moments,
-                             evaluate=step.evaluate, cache=cache)
+        picked, _ = step.choose(work, prep, budget, curves=curves, solver=solver, cache=cache)
         return picked
 
     def objective_fn(trial) -> float:
         weights, solver, exponent = settings(trial)
         picked = pick(weights, solver, exponent)
         candidate = copy.deepcopy(dense)
-        _realise_picked(candidate, prep, picked, step, budget)
+        step.build(candidate, prep, step.plan(prep, picked, budget, solver))  # what the result will be
         candidate.eval()
         scores = []
         for i, (batch, ref) in enumerate(zip(refine.heldout, references)):
@@ -207,8 +204,7 @@ def run_refine(work: nn.Module, budget: float, step: Any, refine: Refine) -> Any
     worst = max(float(prep.curves[n].error[i]) for n, i in picked.items())
     timings = dict(prep.timings)
     timings["refine"] = time.perf_counter() - t0
-    cfg = replace(step, solver=solver)
-    result = _finish(work, budget, cfg, prep, picked, worst, timings, t0)
+    result = step.finish(work, budget, prep, picked, worst, timings, t0, solver=solver)
     report = {
         "n_trials": len(study.trials),
         "completed": len(done),
@@ -225,11 +221,3 @@ def run_refine(work: nn.Module, budget: float, step: Any, refine: Refine) -> Any
              len(study.trials), best.value, baseline if baseline is not None else float("nan"),
              report["gain"] or 0.0)
     return result
-
-
-def _realise_picked(model: nn.Module, prep: Any, picked: Mapping[str, int], step: Any, budget: float) -> None:
-    from .api import make_plan
-    from .realize import realize
-
-    plan = make_plan(prep.curves, picked, step.metric, budget, step.solver.objective, prep.skipped)
-    realize(model, plan, inplace=True, moments=prep.moments)

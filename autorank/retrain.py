@@ -30,7 +30,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +38,17 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .config import check_budget
+from .config import Retrain, check_budget
+from .finetune import FinetuneContext, check_finetuner, run_finetuner
+from .graph import count_flops, count_params
+from .io import load, load_plan, save
+from .realize import densify
+from .result import OptimizeResult
 
-__all__ = ["one_shot", "linear", "geometric", "SCHEDULES", "Schedule", "run_schedule"]
+__all__ = ["one_shot", "linear", "geometric", "SCHEDULES", "Schedule", "run_schedule", "budgets_of"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("cascade", "one-shot")
 STATE_FILE = "schedule.json"
 
 
@@ -71,6 +74,15 @@ SCHEDULES: dict[str, Callable[[float, int], list[float]]] = {
 }
 
 
+def budgets_of(schedule: str | tuple[float, ...], target: float, steps: int) -> tuple[float, ...]:
+    """The budgets of a named schedule, or an explicit list checked to end at ``target``."""
+    if isinstance(schedule, str):
+        return tuple(float(b) for b in SCHEDULES[schedule](target, steps))
+    if not math.isclose(schedule[-1], target, rel_tol=1e-9):
+        raise ValueError(f"schedule: the last budget must be the target {target:g}, got {schedule[-1]:g}")
+    return tuple(float(b) for b in schedule)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A validated compress -> fine-tune schedule (built by :func:`autorank.optimize`)."""
@@ -89,62 +101,27 @@ class Schedule:
                 and self.checkpoint is None)
 
     @classmethod
-    def build(cls, target: float, steps: Any, schedule: Any, mode: Any, finetune: Any, evaluate: Any,
-              min_metric: Any, checkpoint: Any) -> "Schedule":
+    def build(cls, target: float, steps: Any, retrain: Retrain, finetune: Any, evaluate: Any) -> "Schedule":
+        """The schedule of ``steps`` budgets down to ``target`` run as ``retrain`` says."""
+        target = check_budget(target)
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise TypeError(f"steps must be an int >= 1, got {steps!r}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if isinstance(schedule, str):
-            if schedule not in SCHEDULES:
-                raise ValueError(f"schedule must be one of {tuple(SCHEDULES)} or a list of budgets, got {schedule!r}")
-            budgets = SCHEDULES[schedule](target, steps)
-        elif isinstance(schedule, (list, tuple)):
-            budgets = [check_budget(b) for b in schedule]
-            if not budgets:
-                raise ValueError("schedule: an explicit list of budgets must not be empty")
-            if any(b2 >= b1 for b1, b2 in zip(budgets, budgets[1:])):
-                raise ValueError(f"schedule: budgets must decrease strictly, got {list(schedule)}")
-            if not math.isclose(budgets[-1], target, rel_tol=1e-9):
-                raise ValueError(f"schedule: the last budget must be the target {target:g}, got {budgets[-1]:g}")
-        else:
-            raise TypeError(f"schedule must be a name or a list of budgets, got {type(schedule).__name__}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if finetune is not None and not callable(finetune):
-            raise TypeError(
-                "finetune must be None, an autorank.Finetune or a callable finetune(model, step) -> None, "
-                f"got {type(finetune).__name__}"
-            )
+        if not isinstance(retrain, Retrain):
+            raise TypeError(f"retrain must be an autorank.Retrain, got {type(retrain).__name__}")
+        check_finetuner(finetune)
         if evaluate is not None and not callable(evaluate):
             raise TypeError(f"evaluate must be a callable evaluate(model) -> float, got {type(evaluate).__name__}")
-        if min_metric is not None:
-            if evaluate is None:
-                raise ValueError("min_metric needs evaluate= to measure the metric")
-            if isinstance(min_metric, bool) or not isinstance(min_metric, (int, float)) or math.isnan(min_metric):
-                raise TypeError(f"min_metric must be a number, got {min_metric!r}")
-        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
-            raise TypeError(f"checkpoint must be a directory path, got {type(checkpoint).__name__}")
-        return cls(tuple(float(b) for b in budgets), mode, finetune, evaluate,
-                   None if min_metric is None else float(min_metric),
-                   None if checkpoint is None else Path(checkpoint))
+        if retrain.min_metric is not None and evaluate is None:
+            raise ValueError("min_metric needs evaluate= to measure the metric")
+        return cls(budgets_of(retrain.schedule, target, steps), retrain.mode, finetune, evaluate, retrain.min_metric,
+                   None if retrain.checkpoint is None else Path(retrain.checkpoint))
 
 
-def _fingerprint(schedule: Schedule, step: Any) -> dict[str, Any]:
-    return {"budgets": list(schedule.budgets), "mode": schedule.mode, "metric": step.metric,
-            "allocator": step.allocator_name, "curves": step.curves.to_dict(), "solver": step.solver.to_dict(),
-            "exclude": list(step.exclude), "data_aware": step.calibration is not None,
-            "embeddings": step.embeddings}
-
-
-def _run_finetune(finetune: Any, model: nn.Module, step: int, teacher: nn.Module) -> dict[str, Any]:
-    from .finetune import Finetune
-
-    if isinstance(finetune, Finetune):
-        out = finetune(model, step, teacher=teacher if finetune.distill else None)
-        return dict(out) if isinstance(out, dict) else {}
-    finetune(model, step)
-    return {}
+def fingerprint(schedule: Schedule, step: Any) -> dict[str, Any]:
+    """What must match for a checkpointed schedule to resume: its budgets and mode, and the step's record."""
+    return {"budgets": list(schedule.budgets), "mode": schedule.mode, "metric": step.metric, **step.record()}
 
 
 def _evaluate(evaluate, model: nn.Module) -> float | None:
@@ -158,22 +135,17 @@ def _evaluate(evaluate, model: nn.Module) -> float | None:
 
 
 def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
-    """Run ``schedule`` on a copy of ``model``; ``step`` is an :class:`autorank.api.CompressStep`."""
-    from .api import OptimizeResult
-    from .graph import count_flops, count_params
-    from .io import load, load_plan, save
-    from .realize import densify
-
+    """Run ``schedule`` on a copy of ``model``; ``step`` is an :class:`autorank.pipeline.CompressStep`."""
     ckpt = schedule.checkpoint
     history: list[dict[str, Any]] = []
     done = 0
     current: OptimizeResult | None = None
     if ckpt is not None and (ckpt / STATE_FILE).is_file():
         state = json.loads((ckpt / STATE_FILE).read_text())
-        if state.get("fingerprint") != _fingerprint(schedule, step):
+        if state.get("fingerprint") != fingerprint(schedule, step):
             raise ValueError(
                 f"checkpoint {str(ckpt)!r} holds a different schedule {state.get('fingerprint')}; "
-                f"this run asks for {_fingerprint(schedule, step)}. Use another directory."
+                f"this run asks for {fingerprint(schedule, step)}. Use another directory."
             )
         history, done = state["history"], state["done"]
         if done:
@@ -210,7 +182,9 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
         t = time.perf_counter()
         ft_info = {}
         if schedule.finetune is not None:
-            ft_info = _run_finetune(schedule.finetune, result.model, s, model)
+            ft_info = run_finetuner(schedule.finetune, result.model,
+                                    FinetuneContext(step=s, teacher=model, calibration=step.calibration,
+                                                    example_inputs=step.example_inputs))
         t_finetune = time.perf_counter() - t
         m_final = _evaluate(schedule.evaluate, result.model) if schedule.finetune is not None else m_compressed
         totals = result.plan.totals
@@ -228,7 +202,7 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
             save(result.model, result.plan, ckpt / f"step-{s}")
             torch.save(torch.get_rng_state(), ckpt / "rng_state.pt")
             (ckpt / STATE_FILE).write_text(json.dumps(
-                {"fingerprint": _fingerprint(schedule, step), "done": s, "history": history}, indent=2))
+                {"fingerprint": fingerprint(schedule, step), "done": s, "history": history}, indent=2))
         if schedule.min_metric is not None and m_final is not None and m_final < schedule.min_metric:
             stopped_early = True
             log.warning("step %d: metric %.4f fell below min_metric %.4f; stopping", s, m_final, schedule.min_metric)

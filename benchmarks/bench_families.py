@@ -5,7 +5,7 @@
 Models:
 
 * ``mnist``: the real MNIST CNN of the demo (trained and cached by
-  ``autorank.zoo.train_mnist_cnn``), scored on 1,000 held-out real digits;
+  ``autorank.apps.zoo.train_mnist_cnn``), scored on 1,000 held-out real digits;
 * ``resnet18``: torchvision ResNet-18, untrained (structure and costs only),
   input 1 x 3 x 224 x 224.
 
@@ -41,7 +41,7 @@ FAMILIES = ["alds", "spatial_svd", "tucker2", "cp", "tt", "sparse_lowrank"]
 
 def models(names):
     if "mnist" in names:
-        from autorank.zoo import accuracy, load_mnist, train_mnist_cnn
+        from autorank.apps.zoo import accuracy, load_mnist, train_mnist_cnn
 
         _, test = load_mnist()
         model = train_mnist_cnn(cache_dir=".cache/autorank")

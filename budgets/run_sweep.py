@@ -1,4 +1,4 @@
-"""Run a budget-sweep config and plot it (a thin wrapper around autorank.sweep / autorank.plots).
+"""Run a budget-sweep config and plot it (a thin wrapper around autorank.apps.sweep / autorank.apps.plots).
 
     python budgets/run_sweep.py budgets/mnist_cnn.toml            # -> budgets/out/mnist_cnn/
     python budgets/run_sweep.py CONFIG --out DIR --no-resume
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from autorank.cli import main
+from autorank.apps.cli import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]

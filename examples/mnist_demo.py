@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import autorank
-from autorank.zoo import accuracy, load_mnist, train_mnist_cnn
+from autorank.apps.zoo import accuracy, load_mnist, train_mnist_cnn
 
 
 def main() -> None:

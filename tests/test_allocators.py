@@ -1,4 +1,4 @@
-"""Rank-selection allocators: the baselines of autorank.baselines beside "alds" and "uniform"."""
+"""Rank-selection allocators: the baselines of autorank.allocators beside "alds" and "uniform"."""
 
 from __future__ import annotations
 
@@ -14,9 +14,14 @@ import torch
 import torch.nn as nn
 
 import autorank
-from autorank import baselines
 from autorank.allocators import AllocationContext
-from autorank.api import CompressStep
+from autorank.allocators.alds import alds_output_allocation
+from autorank.allocators.evaluated import (SENSITIVITY_CACHE_KEY, output_gains, sensitivity_allocation,
+                                           sensitivity_table)
+from autorank.allocators.ranks import bisect_sorted, bisect_threshold, rank_table, rank_tables
+from autorank.allocators.spectral import (SPECTRUM_CACHE_KEY, layer_spectrum, lrank_allocation, lrank_choice,
+                                          pca_allocation, svd_energy_allocation, vbmf_allocation, vbmf_ranks)
+from autorank.pipeline import CompressStep, Settings
 from autorank.curves import LayerCurves
 from autorank.solver import Infeasible
 from tiny_models import build
@@ -32,7 +37,7 @@ def _calibration(name: str, x):
 
 
 def _context(model, x, budget=0.5, metric="params", calibration=None, **fields) -> AllocationContext:
-    prep = CompressStep(x, metric, calibration=calibration).prepare(model)
+    prep = CompressStep(x, Settings(metric), calibration=calibration).prepare(model)
     return AllocationContext(curves=prep.curves, budget=budget, metric=metric, total=prep.total, fixed=prep.fixed,
                              model=model, example_inputs=x, moments=prep.moments, **fields)
 
@@ -76,9 +81,9 @@ def test_meets_budget_on_realised_model(allocator, model_name, metric, tmp_path)
     model, x = build(model_name)
     alloc = allocator
     if allocator == "sensitivity":  # one table for all budgets, through the disk cache
-        alloc = functools.partial(baselines.sensitivity_allocation, cache_path=tmp_path / "sens.json")
+        alloc = functools.partial(sensitivity_allocation, cache_path=tmp_path / "sens.json")
     if allocator == "alds_output":
-        alloc = functools.partial(baselines.alds_output_allocation, cache_path=tmp_path / "gains.json")
+        alloc = functools.partial(alds_output_allocation, cache_path=tmp_path / "gains.json")
     used = []
     for budget in BUDGETS:
         res = autorank.optimize(model, budget, x, metric=metric, allocator=alloc,
@@ -149,7 +154,7 @@ def _spectra_model():
 def test_svd_energy_equalises_discarded_fraction(budget):
     model, x = _spectra_model()
     ctx = _context(model, x, budget)
-    ranks = _ranks(ctx, baselines.svd_energy_allocation(ctx))
+    ranks = _ranks(ctx, svd_energy_allocation(ctx))
     assert all(j > 0 for j in ranks.values())
     e = {}
     for name in ranks:
@@ -179,7 +184,7 @@ def test_lrank_matches_brute_force_at_fixed_lambda():
     names = list(options)
     seen = set()
     for lam in (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
-        choice = baselines.lrank_choice(ctx, lam)
+        choice = lrank_choice(ctx, lam)
         objective = {n: {i: err + lam * cost for i, err, cost in options[n]} for n in names}
         brute = min(sum(objective[n][i] for n, i in zip(names, combo))
                     for combo in itertools.product(*[[o[0] for o in options[n]] for n in names]))
@@ -191,12 +196,12 @@ def test_lrank_matches_brute_force_at_fixed_lambda():
 def test_lrank_bisection_is_the_smallest_feasible_multiplier():
     model, x = build("mlp")
     ctx = _context(model, x, 0.4)
-    picked = baselines.lrank_allocation(ctx)
+    picked = lrank_allocation(ctx)
     assert ctx.cost(picked) <= ctx.room
-    tables, _ = baselines.rank_tables(ctx)
+    tables, _ = rank_tables(ctx)
     # any choice L-Rank makes at a smaller multiplier is over budget (or the same choice)
     for lam in np.geomspace(1e-6, 1.0, 60):
-        other = baselines.lrank_choice(ctx, float(lam))
+        other = lrank_choice(ctx, float(lam))
         assert ctx.cost(other) > ctx.room or ctx.cost(other) <= ctx.cost(picked)
 
 
@@ -212,18 +217,18 @@ def test_vbmf_recovers_true_rank():
     model, x = _vbmf_model()
     truth = {"0": 5, "2": 3}
     ctx = _context(model, x, 0.9)
-    assert baselines.vbmf_ranks(ctx) == truth
+    assert vbmf_ranks(ctx) == truth
     # loose budget, VBMF ranks kept as they are (alpha = 1 fits)
-    capped = functools.partial(baselines.vbmf_allocation, max_alpha=1.0)
+    capped = functools.partial(vbmf_allocation, max_alpha=1.0)
     assert _ranks(ctx, capped(ctx)) == truth
     # by default alpha grows past 1 and spends the loose budget ...
-    grown = _ranks(ctx, baselines.vbmf_allocation(ctx))
+    grown = _ranks(ctx, vbmf_allocation(ctx))
     assert all(grown[n] >= truth[n] for n in truth) and grown != truth
     # ... and at a budget that just fits the VBMF ranks, they are exactly what is chosen
     exact = ctx.fixed + sum(float(ctx.curves[n].params[ctx.curves[n].find("alds", groups=1, rank=j)])
                             for n, j in truth.items())
     tight = _context(model, x, (exact + 0.5) / ctx.total)
-    assert _ranks(tight, baselines.vbmf_allocation(tight)) == truth
+    assert _ranks(tight, vbmf_allocation(tight)) == truth
 
 
 class TwoBranch(nn.Module):
@@ -247,17 +252,17 @@ def test_pca_prefers_the_layer_whose_outputs_concentrate_variance():
     z = torch.randn(512, 3, generator=gen) @ torch.randn(3, 32, generator=gen)
     batch = torch.cat([z + 1e-3 * torch.randn(512, 32, generator=gen), torch.randn(512, 32, generator=gen)], 1)
     ctx = _context(model, batch[:4], 0.5, calibration=[batch])
-    ranks = _ranks(ctx, baselines.pca_allocation(ctx))
+    ranks = _ranks(ctx, pca_allocation(ctx))
     assert 3 <= ranks["a"] < ranks["b"]
 
     def kept(name):
-        lam = baselines.layer_spectrum(ctx, name) ** 2
+        lam = layer_spectrum(ctx, name) ** 2
         return lam[: ranks[name]].sum() / lam.sum()
 
     assert kept("a") > 0.999 > kept("b")
     # the weights alone cannot tell the two layers apart
     plain = _context(model, batch[:4], 0.5)
-    same = _ranks(plain, baselines.svd_energy_allocation(plain))
+    same = _ranks(plain, svd_energy_allocation(plain))
     assert same["a"] == same["b"]
 
 
@@ -275,10 +280,10 @@ def test_spectrum_with_moments_is_that_of_w_m_wt():
     w = model.fc1.weight.detach().double()
     m = ctx.moments["fc1"].matrix
     expect = torch.linalg.svdvals(w @ torch.linalg.cholesky(m + 1e-12 * torch.eye(32, dtype=torch.float64)))
-    assert np.allclose(baselines.layer_spectrum(ctx, "fc1"), expect.numpy(), rtol=1e-6, atol=1e-9)
-    assert ctx.cache[baselines._SPECTRUM_KEY]  # cached
+    assert np.allclose(layer_spectrum(ctx, "fc1"), expect.numpy(), rtol=1e-6, atol=1e-9)
+    assert ctx.cache[SPECTRUM_CACHE_KEY]  # cached
     plain = _context(model, x)
-    assert np.allclose(baselines.layer_spectrum(plain, "fc1"), torch.linalg.svdvals(w).numpy(), rtol=1e-6)
+    assert np.allclose(layer_spectrum(plain, "fc1"), torch.linalg.svdvals(w).numpy(), rtol=1e-6)
 
 
 # ---- sensitivity: table once, disk cache ------------------------------------------------------
@@ -311,7 +316,7 @@ def test_sensitivity_table_is_computed_once_per_model():
     loose, _ = autorank.allocate(args[0], 0.6, *args[1:], allocator="sensitivity", model=model, example_inputs=x,
                                  evaluate=score, cache=cache)
     first = score.calls
-    table = next(iter(cache[baselines._SENSITIVITY_KEY].values()))
+    table = next(iter(cache[SENSITIVITY_CACHE_KEY].values()))
     assert first == sum(len(rows) for rows in table["scores"].values()) > 0
     tight, _ = autorank.allocate(args[0], 0.3, *args[1:], allocator="sensitivity", model=model, example_inputs=x,
                                  evaluate=score, cache=cache)
@@ -328,7 +333,7 @@ def test_sensitivity_table_is_computed_once_per_model():
 def test_sensitivity_default_score_is_output_fidelity():
     model, x = build("mlp")
     ctx = _context(model, x)
-    table = baselines.sensitivity_table(ctx, ratios=(0.25, 0.5))
+    table = sensitivity_table(ctx, ratios=(0.25, 0.5))
     assert set(table["scores"]) == set(ctx.curves)
     for rows in table["scores"].values():
         assert [j for j, _ in rows] == sorted(j for j, _ in rows) and rows[0][0] == 1
@@ -344,7 +349,7 @@ def test_sensitivity_default_score_is_output_fidelity():
 
 def test_sensitivity_disk_cache_round_trips_and_rejects_other_model(tmp_path, caplog):
     path = tmp_path / "cache" / "sens.json"
-    alloc = functools.partial(baselines.sensitivity_allocation, ratios=(0.25, 0.5, 0.75), cache_path=path)
+    alloc = functools.partial(sensitivity_allocation, ratios=(0.25, 0.5, 0.75), cache_path=path)
     model, x = build("mlp")
     score = _counting(model, x)
     ctx = _context(model, x, 0.4, evaluate=score)
@@ -358,7 +363,7 @@ def test_sensitivity_disk_cache_round_trips_and_rejects_other_model(tmp_path, ca
 
     other, _ = build("mlp", seed=1)
     score2 = _counting(other, x)
-    with caplog.at_level(logging.WARNING, logger="autorank.baselines"):
+    with caplog.at_level(logging.WARNING, logger="autorank.allocators.cache"):
         alloc(_context(other, x, 0.4, evaluate=score2))
     assert score2.calls == n  # recomputed: the saved table belongs to another model
     assert "another model" in caplog.text
@@ -366,21 +371,21 @@ def test_sensitivity_disk_cache_round_trips_and_rejects_other_model(tmp_path, ca
 
     path.write_text("{not json")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="autorank.baselines"):
+    with caplog.at_level(logging.WARNING, logger="autorank.allocators.cache"):
         assert alloc(_context(model, x, 0.4, evaluate=score)) == first
     assert "unreadable" in caplog.text and score.calls == 2 * n
 
 
 @pytest.mark.parametrize("allocator, error, match", [
-    (functools.partial(baselines.sensitivity_allocation, ratios=()), ValueError, "at least one"),
-    (functools.partial(baselines.sensitivity_allocation, ratios=(0.0, 0.5)), ValueError, r"in \(0, 1\]"),
-    (functools.partial(baselines.sensitivity_allocation, ratios=(0.5, 1.5)), ValueError, r"in \(0, 1\]"),
-    (functools.partial(baselines.sensitivity_allocation, ratios="0.5"), TypeError, "sequence"),
-    (functools.partial(baselines.sensitivity_allocation, ratios=(0.5, "a")), TypeError, "number"),
-    (functools.partial(baselines.sensitivity_allocation, cache_path=3), TypeError, "cache_path"),
-    (functools.partial(baselines.sensitivity_allocation, cache_path="."), ValueError, "directory"),
-    (functools.partial(baselines.vbmf_allocation, max_alpha=0.0), ValueError, "max_alpha"),
-    (functools.partial(baselines.vbmf_allocation, max_alpha="1"), TypeError, "max_alpha"),
+    (functools.partial(sensitivity_allocation, ratios=()), ValueError, "at least one"),
+    (functools.partial(sensitivity_allocation, ratios=(0.0, 0.5)), ValueError, r"in \(0, 1\]"),
+    (functools.partial(sensitivity_allocation, ratios=(0.5, 1.5)), ValueError, r"in \(0, 1\]"),
+    (functools.partial(sensitivity_allocation, ratios="0.5"), TypeError, "sequence"),
+    (functools.partial(sensitivity_allocation, ratios=(0.5, "a")), TypeError, "number"),
+    (functools.partial(sensitivity_allocation, cache_path=3), TypeError, "cache_path"),
+    (functools.partial(sensitivity_allocation, cache_path="."), ValueError, "directory"),
+    (functools.partial(vbmf_allocation, max_alpha=0.0), ValueError, "max_alpha"),
+    (functools.partial(vbmf_allocation, max_alpha="1"), TypeError, "max_alpha"),
 ], ids=["empty-ratios", "zero-ratio", "ratio-over-1", "str-ratios", "str-ratio", "int-path", "dir-path",
         "zero-alpha", "str-alpha"])
 def test_bad_options_raise_clear_errors(allocator, error, match):
@@ -394,30 +399,30 @@ def test_bad_options_raise_clear_errors(allocator, error, match):
 
 def test_bisect_threshold_finds_most_generous_setting():
     steps = lambda t: float(np.floor(10 * t))  # noqa: E731  non-decreasing, jumps at 0.1, 0.2, ...
-    t = baselines.bisect_threshold(steps, 3.5, 0.0, 1.0, increasing=True)
+    t = bisect_threshold(steps, 3.5, 0.0, 1.0, increasing=True)
     assert 0.4 - 1e-12 < t < 0.4 and steps(t) == 3.0
     falling = lambda lam: 100.0 / (1.0 + lam)  # noqa: E731
-    lam = baselines.bisect_threshold(falling, 10.0, 1e-6, 1e6, increasing=False, geometric=True)
+    lam = bisect_threshold(falling, 10.0, 1e-6, 1e6, increasing=False, geometric=True)
     assert lam == pytest.approx(9.0, rel=1e-12) and falling(lam) <= 10.0
-    assert baselines.bisect_threshold(steps, 99.0, 0.0, 1.0, increasing=True) == 1.0
+    assert bisect_threshold(steps, 99.0, 0.0, 1.0, increasing=True) == 1.0
     with pytest.raises(Infeasible):
-        baselines.bisect_threshold(lambda t: 5.0 + t, 1.0, 0.0, 1.0, increasing=True)
+        bisect_threshold(lambda t: 5.0 + t, 1.0, 0.0, 1.0, increasing=True)
 
 
 def test_bisect_sorted_is_exact():
     values = [0.5, 0.1, 0.9, 0.3, 0.7]
-    assert baselines.bisect_sorted(lambda t: 10 * t, 5.0, values, increasing=True) == 0.5
-    assert baselines.bisect_sorted(lambda t: 10 * (1 - t), 5.0, values, increasing=False) == 0.5
-    assert baselines.bisect_sorted(lambda t: 10 * t, 100.0, values, increasing=True) == 0.9
+    assert bisect_sorted(lambda t: 10 * t, 5.0, values, increasing=True) == 0.5
+    assert bisect_sorted(lambda t: 10 * (1 - t), 5.0, values, increasing=False) == 0.5
+    assert bisect_sorted(lambda t: 10 * t, 100.0, values, increasing=True) == 0.9
     with pytest.raises(Infeasible):
-        baselines.bisect_sorted(lambda t: 10 * t, 0.5, values, increasing=True)
+        bisect_sorted(lambda t: 10 * t, 0.5, values, increasing=True)
 
 
 def test_rank_table_maps_absent_ranks_to_dense():
     model, x = build("mlp")
     ctx = _context(model, x)
     for name, lc in ctx.curves.items():
-        table = baselines.rank_table(lc, "params")
+        table = rank_table(lc, "params")
         assert table.full == min(lc.info.out_features, lc.info.in_channels)
         for j in range(1, table.full + 1):
             i = lc.find("alds", groups=1, rank=j)
@@ -444,7 +449,7 @@ def test_alds_output_spends_the_budget_where_the_output_is_sensitive():
     with torch.no_grad():  # the same spectrum for both, so weight-only ALDS cannot tell them apart
         model.quiet.weight.copy_(model.loud.weight)
     ctx = _context(model, x, 0.5)
-    gains = baselines.output_gains(ctx)
+    gains = output_gains(ctx)
     assert gains["quiet"] < 0.05 * gains["loud"]
     res = autorank.optimize(model, 0.5, x, allocator="alds_output")
     ranks = {n: lp.hyper.get("rank", 24) for n, lp in res.plan.layers.items()}
@@ -456,3 +461,31 @@ def test_alds_output_spends_the_budget_where_the_output_is_sensitive():
         err = float((res.model(x) - ref).norm() / ref.norm())
         err_plain = float((plain.model(x) - ref).norm() / ref.norm())
     assert err < err_plain
+
+
+# ---- the old import paths ------------------------------------------------------------------------
+
+
+def test_baselines_is_a_deprecated_alias_of_the_allocators():
+    import importlib
+    import sys
+
+    import autorank.allocators as allocators
+
+    sys.modules.pop("autorank.baselines", None)  # import it afresh, so that the warning is issued here
+    with pytest.warns(DeprecationWarning, match="autorank.allocators"):
+        old = importlib.import_module("autorank.baselines")
+    assert old.__all__ and all(getattr(old, name) is getattr(allocators, name) for name in old.__all__)
+
+
+def test_global_step_keeps_its_old_homes():
+    import importlib
+
+    import autorank.allocators as allocators
+    import autorank.api
+    import autorank.graph
+
+    assert autorank.api.allocate is autorank.allocate is allocators.allocate
+    assert autorank.api.solve_curves is autorank.solve_curves is allocators.solve_curves
+    realize_module = importlib.import_module("autorank.realize")  # autorank.realize is also the function
+    assert realize_module.replace_module is autorank.graph.replace_module

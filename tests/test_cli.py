@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from autorank.cli import main
-from autorank.sweep import ModelSpec, register_model
+from autorank.apps.cli import main
+from autorank.apps.models import ModelSpec, register_model
 from tiny_models import build
 
 
@@ -72,10 +72,10 @@ def test_help_everywhere(sub, capsys):
 
 
 def test_module_entry_point_help_and_error_status(tmp_path):
-    """``python -m autorank.cli``: --help works, a user error exits 2 with one line and no traceback."""
-    ok = subprocess.run([sys.executable, "-m", "autorank.cli", "--help"], capture_output=True, text=True, timeout=120)
+    """``python -m autorank.apps.cli``: --help works, a user error exits 2 with one line and no traceback."""
+    ok = subprocess.run([sys.executable, "-m", "autorank.apps.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "optimize" in ok.stdout and "sweep" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "autorank.cli", "report", str(tmp_path)],
+    bad = subprocess.run([sys.executable, "-m", "autorank.apps.cli", "report", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("autorank: error: ") and bad.stdout == ""
     assert bad.stderr.count("\n") == 1

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from autorank.plots import (
+from autorank.apps.plots import (
     allocation_figure, error_curves_figure, graph_figure, kept_fractions, metric_vs_budget_figure,
     pareto_front, plot_sweep,
 )
-from autorank.sweep import ModelSpec, SweepConfig, run_sweep
+from autorank.apps.sweep import ModelSpec, SweepConfig, run_sweep
 from tiny_models import build
 
 pytest.importorskip("matplotlib")

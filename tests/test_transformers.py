@@ -1,4 +1,4 @@
-"""Transformer support, proven on Hugging Face models, and the text / MiniLM helpers of autorank.text.
+"""Transformer support, proven on Hugging Face models, and the text / MiniLM helpers of autorank.apps.text.
 
 Fast tests build tiny random-init BERT and GPT-2 models from configs (nothing is
 downloaded); the one slow test compresses the real all-MiniLM-L6-v2 on real text.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import autorank
-from autorank import text
+from autorank.apps import text
 from autorank.calibration import collect_moments
 from autorank.layers import get_layer_handler
 from autorank.families.alds import GroupedLowRankLinear, LowRankEmbedding
@@ -328,7 +328,7 @@ def test_cascade_on_gpt2_densifies_conv1d_to_linear_and_refactorises():
 # ---- text helpers --------------------------------------------------------------------------
 
 def test_import_autorank_text_does_not_import_transformers():
-    code = "import sys, autorank, autorank.text; sys.exit(int('transformers' in sys.modules))"
+    code = "import sys, autorank, autorank.apps.text; sys.exit(int('transformers' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 

@@ -1,4 +1,4 @@
-"""Tests for autorank.zoo: real-data loaders, the MNIST CNN, its cache, and accuracy()."""
+"""Tests for autorank.apps.zoo: real-data loaders, the MNIST CNN, its cache, and accuracy()."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from autorank import zoo
+from autorank.apps import zoo
 
 
 def _rows(dataset: TensorDataset) -> set[bytes]:

@@ -8,19 +8,14 @@ allocates, realises, optionally fine-tunes and evaluates, and appends the row
 to ``results.json`` / ``results.csv`` as soon as it is finished, so an
 interrupted sweep resumes where it stopped.
 
-Models are named by a spec string resolved by :func:`load_model`:
-
-* a registered name (``"mnist_cnn"``: the trained MNIST CNN of :mod:`autorank.zoo`;
-  add your own with :func:`register_model`);
-* ``"torchvision:<name>"``: an untrained torchvision model on a 1x3x224x224 input;
-* ``"pkg.module:fn"``: ``fn()`` returns a module (or ``(module, example_inputs)``),
-  optionally with weights from ``checkpoint`` (safetensors or a ``torch.save``'d state_dict).
+Models are named by a spec string resolved by :func:`autorank.apps.models.load_model`
+(re-exported here with :class:`ModelSpec`, :func:`register_model` and :func:`available_models`).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
-import importlib
 import json
 import logging
 import math
@@ -29,12 +24,16 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
-import torch.nn as nn
 
-from .config import METRICS, CurveConfig, SolverConfig
+from ..config import METRICS, Compression, CurveConfig, DataAware, SolverConfig
+from ..finetune import Finetune
+from ..graph import analyze
+from ..latency import layer_latencies, measure_latency
+from ..pipeline import CompressStep, Settings
+from .models import ModelSpec, available_models, load_model, register_model
 
 __all__ = [
     "ModelSpec", "MethodSpec", "FinetuneSpec", "SweepConfig", "register_model", "available_models",
@@ -54,127 +53,6 @@ CSV_COLUMNS = (
 )
 
 
-# ---- model registry ----------------------------------------------------------------------
-
-@dataclass
-class ModelSpec:
-    """A loaded model with what a sweep needs to run it.
-
-    example_inputs: the inputs FLOPs are counted on (one sample for the zoo models).
-    latency_inputs: the inputs latency is timed on (a realistic batch); defaults to example_inputs.
-    """
-
-    model: nn.Module
-    example_inputs: Any
-    latency_inputs: Any = None
-
-    def __post_init__(self) -> None:
-        if self.latency_inputs is None:
-            self.latency_inputs = self.example_inputs
-
-
-Builder = Callable[[], ModelSpec]
-_MODELS: dict[str, Builder] = {}
-
-
-def register_model(name: str, builder: Builder) -> Builder:
-    """Register ``builder() -> ModelSpec`` under ``name`` (replacing one of the same name)."""
-    if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"model name must be a non-empty str without ':', got {name!r}")
-    if not callable(builder):
-        raise TypeError(f"model builder must be callable, got {type(builder).__name__}")
-    _MODELS[name] = builder
-    return builder
-
-
-def available_models() -> list[str]:
-    return sorted(_MODELS)
-
-
-def _mnist_cnn() -> ModelSpec:
-    from .zoo import load_mnist, train_mnist_cnn
-
-    _, test = load_mnist()
-    model = train_mnist_cnn()
-    return ModelSpec(model, test[:1][0], test[:64][0])
-
-
-register_model("mnist_cnn", _mnist_cnn)
-
-
-def _load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> None:
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-            state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"checkpoint {str(path)!r} does not hold a state_dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"checkpoint {str(path)!r} does not fit the model: {first}") from None
-
-
-def load_model(spec: str, checkpoint: str | os.PathLike | None = None,
-               input_shape: list[int] | tuple[int, ...] | None = None) -> ModelSpec:
-    """Resolve a model spec string (see the module docstring) into a :class:`ModelSpec`.
-
-    ``input_shape`` overrides the example input (a ``torch.randn`` of that shape, seed 0).
-    """
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"model must be a non-empty spec string, got {spec!r}")
-    if spec in _MODELS:
-        out = _MODELS[spec]()
-    elif spec.startswith("torchvision:"):
-        try:
-            import torchvision.models as tvm
-        except ImportError:
-            raise ValueError(f"model {spec!r} needs torchvision (pip install autorank[vision])") from None
-        name = spec.split(":", 1)[1]
-        try:
-            builder = tvm.get_model_builder(name)
-        except ValueError:
-            raise ValueError(f"model {spec!r}: torchvision has no model {name!r}") from None
-        out = ModelSpec(builder(weights=None).eval(), torch.randn(1, 3, 224, 224,
-                                                                 generator=torch.Generator().manual_seed(0)))
-    elif ":" in spec:
-        mod_name, _, fn_name = spec.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"model {spec!r}: cannot import {fn_name!r} from {mod_name!r} ({exc})") from None
-        built = fn()
-        if isinstance(built, ModelSpec):
-            out = built
-        elif isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
-            out = ModelSpec(*built)
-        elif isinstance(built, nn.Module):
-            example = built.example() if callable(getattr(built, "example", None)) else None
-            out = ModelSpec(built, example)
-        else:
-            raise ValueError(f"model {spec!r}: {fn_name}() returned {type(built).__name__}, not an nn.Module")
-    else:
-        raise ValueError(f"unknown model {spec!r}; use one of {available_models()}, "
-                         "'torchvision:<name>' or 'pkg.module:function'")
-    if checkpoint is not None:
-        _load_checkpoint(out.model, checkpoint)
-    if input_shape is not None:
-        x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
-        out = ModelSpec(out.model, x)
-    if out.example_inputs is None:
-        raise ValueError(f"model {spec!r} has no example inputs; set input_shape = [...] in the config")
-    out.model.eval()
-    return out
-
-
 # ---- config ------------------------------------------------------------------------------
 
 def _unknown(owner: str, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -191,6 +69,7 @@ class MethodSpec:
     allocator: a name from ``autorank.available_allocators()``.
     families: decomposition families competing per layer (``CurveConfig.families``).
     curves / solver: further ``CurveConfig`` / ``SolverConfig`` fields, e.g. ``{objective = "sum"}``.
+    data_aware: ``DataAware`` fields for a sweep with calibration data, e.g. ``{sequential = false}``.
     """
 
     name: str
@@ -198,9 +77,10 @@ class MethodSpec:
     families: tuple[str, ...] | None = None
     curves: dict[str, Any] = field(default_factory=dict)
     solver: dict[str, Any] = field(default_factory=dict)
+    data_aware: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .allocators import available_allocators
+        from ..allocators import available_allocators
 
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"methods: name must be a non-empty string, got {self.name!r}")
@@ -213,12 +93,11 @@ class MethodSpec:
             if not isinstance(fams, (list, tuple)):
                 raise ValueError(f"{where}.families must be a list of names, got {self.families!r}")
             object.__setattr__(self, "families", tuple(fams))
-        for key in ("curves", "solver"):
+        for key in ("curves", "solver", "data_aware"):
             if not isinstance(getattr(self, key), Mapping):
                 raise ValueError(f"{where}.{key} must be a table, got {getattr(self, key)!r}")
         try:
-            self.curve_config()
-            self.solver_config()
+            self.settings("params")
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: {exc}") from None
 
@@ -231,11 +110,17 @@ class MethodSpec:
     def solver_config(self) -> SolverConfig:
         return SolverConfig(**self.solver)
 
+    def settings(self, metric: str) -> Settings:
+        """The pipeline settings of this method."""
+        return Settings(metric, Compression(curves=self.curve_config(), solver=self.solver_config(),
+                                            allocator=self.allocator), DataAware(**self.data_aware))
+
     @classmethod
     def from_dict(cls, data: Any) -> "MethodSpec":
         if not isinstance(data, Mapping):
             raise ValueError(f"methods: each method must be a table, got {data!r}")
-        _unknown(f"methods[{data.get('name', '?')!r}]", data, ("name", "allocator", "families", "curves", "solver"))
+        _unknown(f"methods[{data.get('name', '?')!r}]", data, ("name", "allocator", "families", "curves", "solver",
+                                                                 "data_aware"))
         if "name" not in data:
             raise ValueError(f"methods: a method has no name: {dict(data)!r}")
         return cls(**data)
@@ -277,6 +162,8 @@ class SweepConfig:
     budgets:      fractions in (0, 1].
     methods:      :class:`MethodSpec` list (unique names).
     finetune:     :class:`FinetuneSpec` or None (no fine-tuning; needs ``data``).
+    calibration:  the number of training samples (the first ones of the ``data`` train split, in
+                  batches of 64) given to every method as calibration data, or None (weight-only).
     latency_repeats / latency_threads: settings of :func:`autorank.latency.measure_latency`.
     """
 
@@ -290,9 +177,10 @@ class SweepConfig:
     finetune: FinetuneSpec | None = None
     latency_repeats: int = 20
     latency_threads: int | None = None
+    calibration: int | None = None
 
     def __post_init__(self) -> None:
-        from .config import check_budget
+        from ..config import check_budget
 
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty spec string, got {self.model!r}")
@@ -326,6 +214,12 @@ class SweepConfig:
             object.__setattr__(self, "finetune", FinetuneSpec(**self.finetune))
         if self.finetune is not None and self.data is None:
             raise ValueError("finetune needs training data: set data = \"mnist\" or remove [finetune]")
+        c = self.calibration
+        if c is not None:
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                raise ValueError(f"calibration must be a number of samples >= 1, got {c!r}")
+            if self.data is None:
+                raise ValueError("calibration takes its samples from the training data: set data = \"mnist\"")
         if self.input_shape is not None:
             shape = self.input_shape
             if (not isinstance(shape, (list, tuple)) or not shape
@@ -347,7 +241,7 @@ class SweepConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"a sweep config must be a table, got {type(data).__name__}")
         _unknown("sweep config", data, ("model", "checkpoint", "input_shape", "data", "metric", "budgets",
-                                        "methods", "finetune", "latency"))
+                                        "methods", "finetune", "latency", "calibration"))
         for key in ("model", "budgets", "methods"):
             if key not in data:
                 raise ValueError(f"sweep config: missing required key {key!r}")
@@ -449,6 +343,14 @@ def _evaluator(data: str | None):
     return train, (lambda m: accuracy(m, test))
 
 
+def _calibration_batches(train: Any, samples: int | None, batch_size: int = 64) -> list[torch.Tensor] | None:
+    """The first ``samples`` training inputs in batches of ``batch_size`` (None: no calibration data)."""
+    if samples is None:
+        return None
+    images = torch.stack([train[i][0] for i in range(min(samples, len(train)))])
+    return list(images.split(batch_size))
+
+
 def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLike,
               resume: bool = True, model_spec: ModelSpec | None = None) -> dict[str, Any]:
     """Run every ``method x budget`` row of ``config`` and write the results into ``out_dir``.
@@ -462,13 +364,6 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
 
     Returns the results state (``{"version", "config", "baseline", "rows", ...}``).
     """
-    from . import analyze
-    from .api import allocate, fixed_cost, make_plan, measure_totals
-    from .curves import build_curves
-    from .finetune import Finetune
-    from .latency import layer_latencies, measure_latency
-    from .realize import realize
-
     if not isinstance(config, SweepConfig):
         config = load_config(config)
     out = Path(out_dir)
@@ -479,7 +374,7 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
     state: dict[str, Any] = {"version": RESULTS_VERSION, "config": cfg_dict, "baseline": None, "rows": []}
     if resume and (out / RESULTS_JSON).is_file():
         old = read_results(out)
-        for key in ("model", "checkpoint", "input_shape", "data", "metric"):
+        for key in ("model", "checkpoint", "input_shape", "data", "metric", "calibration"):
             if old.get("config", {}).get(key) != cfg_dict[key]:
                 raise ValueError(f"cannot resume in {str(out)!r}: its results were made with {key}="
                                  f"{old.get('config', {}).get(key)!r}, this config has {cfg_dict[key]!r}; "
@@ -499,7 +394,6 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
     model, x = spec.model, spec.example_inputs
     train, evaluate = _evaluator(config.data)
     graph = analyze(model, x)
-    total = graph.total_params if config.metric == "params" else graph.total_flops
     import networkx as nx
 
     _write_atomic(out / "graph.json", json.dumps(nx.node_link_data(graph.graph, edges="edges"), default=str))
@@ -513,37 +407,31 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
     log.info("sweep: analysed %s in %.1fs; original latency %.2f ms", config.model,
              time.perf_counter() - t0, base_lat["median_s"] * 1e3)
 
-    curve_cache: dict[str, tuple[dict, dict]] = {}
+    calibration = _calibration_batches(train, config.calibration)
+    prepared: dict[str, Any] = {}  # per distinct curve and data setting: the graph, moments and curves
     alloc_cache: dict[str, Any] = {}  # e.g. the sensitivity allocator's table, shared by all rows
     for method, budget in todo:
         t_row = time.perf_counter()
-        ccfg = method.curve_config()
-        key = json.dumps(ccfg.to_dict(), sort_keys=True)
-        if key not in curve_cache:
+        step = CompressStep(x, method.settings(config.metric), calibration=calibration, evaluate=evaluate,
+                            progress=False)
+        key = json.dumps({"curves": step.settings.curves.to_dict(), "data": step.parts}, sort_keys=True)
+        if key not in prepared:
             t = time.perf_counter()
-            curve_cache[key] = build_curves(model, graph, ccfg, config.metric, progress=False)
+            prepared[key] = step.prepare(model)
             log.info("sweep: error curves (%s) in %.1fs", key, time.perf_counter() - t)
             if not (out / "curves.json").is_file():
-                _write_atomic(out / "curves.json", json.dumps(curves_data(curve_cache[key][0])))
-        layer_curves, no_gain = curve_cache[key]
+                _write_atomic(out / "curves.json", json.dumps(curves_data(prepared[key].curves)))
         row: dict[str, Any] = {"method": method.name, "allocator": method.allocator, "budget": budget}
+        work = copy.deepcopy(model)  # the original stays the teacher and the reference
         try:
-            fixed = fixed_cost(layer_curves, config.metric, total)
-            solver = method.solver_config()
-            picked, worst = allocate(layer_curves, budget, config.metric, total, fixed, solver, method.allocator,
-                                     model=model, example_inputs=x, evaluate=evaluate, cache=alloc_cache)
+            result = step(work, budget, prepared=prepared[key], cache=alloc_cache)
         except ValueError as exc:
             log.warning("sweep: %s at budget %g: %s", method.name, budget, exc)
             row.update(status=f"infeasible: {exc}", wall_s=time.perf_counter() - t_row)
             state["rows"].append(row)
             _write_results(out, state)
             continue
-        plan = make_plan(layer_curves, picked, config.metric, budget, solver.objective,
-                         {**graph.skipped, **no_gain},
-                         config={"allocator": method.allocator, "curves": ccfg.to_dict(),
-                                 "solver": solver.to_dict(), "exclude": []})
-        work = realize(model, plan)  # a copy: the original stays the teacher and the reference
-        plan.totals = measure_totals(graph, work, x)
+        plan = result.plan
         before = evaluate(work) if evaluate else None
         after = None
         if config.finetune is not None:

@@ -1,0 +1,314 @@
+"""The compression pipeline, written once.
+
+One compression of a model to a budget runs four stages of a :class:`CompressStep`::
+
+    prepare   analyse the layer graph -> calibration moments (-> output moments)
+              -> error curves of every candidate                    (does not depend on the budget)
+    choose    one candidate per layer under the budget              (the global step, an allocator)
+    build     the plan -> the factorised modules -> the sequential refit   (in place)
+    finish    measure the realised model, check it against the budget -> OptimizeResult
+
+:func:`autorank.optimize` runs them once; the retraining schedule once per budget;
+:mod:`autorank.refine` prepares once, chooses once per trial and builds every trial it
+scores; sweeps prepare once per setting and choose + build once per row.  What was asked
+is one :class:`Settings` record: ``plan.config`` and the checkpoint fingerprint of a
+schedule are both written from :meth:`Settings.record`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch.nn as nn
+
+from .allocators import allocate, resolve_allocator
+from .calibration import collect_moments, collect_output_moments
+from .config import Compression, CurveConfig, DataAware, SolverConfig, as_config, check_metric, resolve_data_parts
+from .curves import LayerCurves, build_curves
+from .families import get_family
+from .graph import LayerGraph, analyze, count_flops, count_params
+from .plan import LayerPlan, Plan
+from .realize import realize
+from .result import OptimizeResult
+from .sequential import sequential_refit
+from .solver import network_bound
+
+__all__ = ["Settings", "CompressStep", "Prepared", "make_plan", "fixed_cost", "measure_totals"]
+
+log = logging.getLogger(__name__)
+
+
+# ---- plan arithmetic ---------------------------------------------------------------------------
+
+def fixed_cost(curves: Mapping[str, LayerCurves], metric: str, total: int) -> int:
+    """The part of ``total`` outside the layers that have curves (it counts towards the budget as is)."""
+    return total - sum(lc.info.dense_params if metric == "params" else lc.info.dense_flops
+                       for lc in curves.values())
+
+
+def measure_totals(graph: LayerGraph, model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """Params and MACs of the original (from ``graph``) and of ``model``, measured on the module."""
+    return {
+        "params_before": graph.total_params,
+        "flops_before": graph.total_flops,
+        "params": count_params(model),
+        "flops": count_flops(model, example_inputs),
+    }
+
+
+def make_plan(
+    curves: Mapping[str, LayerCurves],
+    picked: Mapping[str, int],
+    metric: str,
+    budget: float,
+    objective: str,
+    skipped: Mapping[str, str] | None = None,
+    config: dict[str, Any] | None = None,
+) -> Plan:
+    """The :class:`Plan` for candidate ``picked[name]`` of every layer's curves."""
+    layers: dict[str, LayerPlan] = {}
+    for name, idx in picked.items():
+        lc = curves[name]
+        cand = lc.candidate(idx)
+        info = lc.info
+        layers[name] = LayerPlan(
+            name=name, kind=info.kind, shape=[info.out_features, info.in_channels, *info.kernel],
+            family=cand["family"], hyper=cand["hyper"], error=cand["error"],
+            error_lower=cand["error_lower"], dense_params=info.dense_params, params=cand["params"],
+            dense_flops=info.dense_flops, flops=cand["flops"],
+        )
+    errs = np.array([lp.error for lp in layers.values()])
+    return Plan(
+        metric=metric, budget=budget, objective=objective, layers=layers, skipped=dict(skipped or {}),
+        max_error=float(errs.max()) if len(errs) else 0.0, network_bound=network_bound(errs),
+        config=dict(config or {}),
+    )
+
+
+# ---- the settings --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that was asked of one compression, as plain data (JSON: :meth:`to_dict`).
+
+    metric:      ``"params"`` or ``"flops"``: what the budget is a fraction of.
+    compression: :class:`autorank.Compression` (what to compress, candidates, allocator, solver).
+    data:        :class:`autorank.DataAware` (how calibration data is used).
+    """
+
+    metric: str = "params"
+    compression: Compression = field(default_factory=Compression)
+    data: DataAware = field(default_factory=DataAware)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metric", check_metric(self.metric))
+        object.__setattr__(self, "compression", as_config(self.compression, Compression, "compression"))
+        object.__setattr__(self, "data", as_config(self.data, DataAware, "data"))
+
+    @property
+    def curves(self) -> CurveConfig:
+        return self.compression.curves
+
+    @property
+    def solver(self) -> SolverConfig:
+        return self.compression.solver
+
+    def parts(self, calibrated: bool) -> dict[str, bool]:
+        """Which parts of the data-aware recipe run (:func:`autorank.config.resolve_data_parts`)."""
+        return resolve_data_parts(self.data, calibrated)
+
+    def allocator(self, calibrated: bool) -> Any:
+        """The allocator that runs: ``"alds_output"`` in place of the default ``"alds"`` with output allocation."""
+        chosen = self.compression.allocator
+        if chosen == "alds" and self.parts(calibrated)["output_allocation"]:
+            return "alds_output"
+        return chosen
+
+    def record(self, calibrated: bool, solver: SolverConfig | None = None) -> dict[str, Any]:
+        """What ran, as ``plan.config`` records it (and a schedule's checkpoint fingerprint)."""
+        parts = self.parts(calibrated)
+        comp = self.compression
+        return {"allocator": resolve_allocator(self.allocator(calibrated))[0], "curves": comp.curves.to_dict(),
+                "solver": (solver or comp.solver).to_dict(), "exclude": list(comp.exclude),
+                "data_aware": calibrated, "embeddings": comp.embeddings,
+                "sequential": parts["sequential"], "output_weighting": parts["output_weighting"]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "compression": self.compression.to_dict(), "data": self.data.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Settings":
+        return cls(metric=data.get("metric", "params"),
+                   compression=Compression.from_dict(dict(data.get("compression", {}))),
+                   data=DataAware.from_dict(dict(data.get("data", {}))))
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """The budget-independent part of one compression: graph, moments and curves."""
+
+    graph: LayerGraph
+    curves: dict[str, LayerCurves]
+    skipped: dict[str, str]
+    total: int
+    fixed: int
+    moments: dict[str, Any] | None
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class CompressStep:
+    """One compression of a model to a budget with fixed settings (the unit every workflow repeats).
+
+    example_inputs: the inputs the graph is analysed and the MACs are counted on.
+    settings:       the :class:`Settings`.
+    calibration:    a re-iterable of input batches, or None (weight-only).
+    evaluate:       the user's ``evaluate(model) -> float``, for allocators that score models.
+    progress:       progress bars (None: only on a terminal).
+    """
+
+    example_inputs: Any
+    settings: Settings = field(default_factory=Settings)
+    calibration: Any = None
+    evaluate: Callable[[nn.Module], float] | None = None
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.settings, Settings):
+            raise TypeError(f"CompressStep.settings must be an autorank.Settings, got {type(self.settings).__name__}")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
+
+    @property
+    def parts(self) -> dict[str, bool]:
+        """Which parts of the data-aware recipe run."""
+        return self.settings.parts(self.calibrated)
+
+    @property
+    def metric(self) -> str:
+        return self.settings.metric
+
+    def record(self, solver: SolverConfig | None = None) -> dict[str, Any]:
+        return self.settings.record(self.calibrated, solver)
+
+    # -- stage 1
+    def prepare(self, work: nn.Module) -> Prepared:
+        """Analyse ``work`` and build its curves (and calibration moments): everything before allocation."""
+        comp, metric = self.settings.compression, self.metric
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        graph = analyze(work, self.example_inputs, comp.exclude, embeddings=comp.embeddings)
+        timings["analyze"] = time.perf_counter() - t
+        if not graph.layers:
+            why = "; ".join(f"{n}: {r}" for n, r in list(graph.skipped.items())[:5]) or "no Linear/Conv1d/Conv2d layer"
+            raise ValueError(f"{type(work).__name__} has no compressible layer ({why})")
+        total = graph.total_params if metric == "params" else graph.total_flops
+        if total <= 0:
+            raise ValueError(f"the model's total {metric} on example_inputs is {total}; nothing to budget")
+        moments = None
+        if self.calibrated:
+            t = time.perf_counter()
+            moments = collect_moments(work, graph.layers, self.calibration, self.progress)
+            timings["calibration"] = time.perf_counter() - t
+            if self.parts["output_weighting"]:
+                t = time.perf_counter()
+                outputs = collect_output_moments(work, graph.layers, self.calibration, self.settings.data.output,
+                                                 self.progress)
+                for name, out in outputs.items():
+                    if name in moments:
+                        moments[name].output = out
+                timings["output_moments"] = time.perf_counter() - t
+        t = time.perf_counter()
+        layer_curves, no_gain = build_curves(work, graph, comp.curves, metric, self.progress, moments)
+        timings["curves"] = time.perf_counter() - t
+        if not layer_curves:
+            raise ValueError(f"{type(work).__name__} has no layer whose factorisation is cheaper than dense")
+        return Prepared(graph=graph, curves=layer_curves, skipped={**graph.skipped, **no_gain}, total=total,
+                        fixed=fixed_cost(layer_curves, metric, total), moments=moments, timings=timings)
+
+    # -- stage 2
+    def choose(self, work: nn.Module, prep: Prepared, budget: float, *, curves: Mapping[str, LayerCurves] | None = None,
+               solver: SolverConfig | None = None, cache: dict[str, Any] | None = None) -> tuple[dict[str, int], float]:
+        """The global step on ``prep``'s curves (or on ``curves``, e.g. re-weighted ones); ``(picked, largest error)``."""
+        return allocate(prep.curves if curves is None else curves, budget, self.metric, prep.total, prep.fixed,
+                        solver or self.settings.solver, self.settings.allocator(self.calibrated),
+                        model=work, example_inputs=self.example_inputs, moments=prep.moments,
+                        evaluate=self.evaluate, cache={} if cache is None else cache)
+
+    # -- stage 3
+    def plan(self, prep: Prepared, picked: Mapping[str, int], budget: float,
+             solver: SolverConfig | None = None) -> Plan:
+        """The plan of ``picked``, with :meth:`Settings.record` as its ``config``."""
+        solver = solver or self.settings.solver
+        return make_plan(prep.curves, picked, self.metric, budget, solver.objective, prep.skipped,
+                         config=self.record(solver))
+
+    def build(self, work: nn.Module, prep: Prepared, plan: Plan) -> dict[str, float]:
+        """Realise ``plan`` in ``work`` (in place), then refit it when the recipe says so; the timings."""
+        late = sorted({lp.family for lp in plan.layers.values()
+                       if lp.compressed and get_family(lp.family).needs_finetune})
+        if late:
+            log.warning("family %s is initialised to match plain SVD and only pays off after fine-tuning; "
+                        "pass finetune=... (or fine-tune the result)", ", ".join(late))
+        timings: dict[str, float] = {}
+        refit = self.parts["sequential"] and prep.moments is not None
+        t = time.perf_counter()
+        reference = copy.deepcopy(work) if refit else None
+        realize(work, plan, inplace=True, moments=prep.moments)
+        timings["realize"] = time.perf_counter() - t
+        if reference is not None:
+            t = time.perf_counter()
+            done = sequential_refit(reference, work, plan, self.calibration, graph=prep.graph.graph,
+                                    kinds={n: info.kind for n, info in prep.graph.layers.items()},
+                                    progress=self.progress,
+                                    output_moments={n: m.output_matrix for n, m in prep.moments.items()
+                                                    if m.output is not None})
+            del reference
+            timings["refit"] = time.perf_counter() - t
+            log.info("sequential refit of %d layers: %.2fs", len(done), timings["refit"])
+        return timings
+
+    # -- stage 4
+    def finish(self, work: nn.Module, budget: float, prep: Prepared, picked: Mapping[str, int], worst: float,
+               timings: dict[str, float], t0: float, solver: SolverConfig | None = None) -> OptimizeResult:
+        """Plan, build, measure and check ``work``; the result."""
+        metric = self.metric
+        plan = self.plan(prep, picked, budget, solver)
+        timings = {**timings, **self.build(work, prep, plan)}
+        t = time.perf_counter()
+        measured = measure_totals(prep.graph, work, self.example_inputs)
+        timings["measure"] = time.perf_counter() - t
+        plan.totals = measured
+        total = prep.total
+        predicted = prep.fixed + sum(float(prep.curves[n].cost(metric)[i]) for n, i in picked.items())
+        if measured[metric] != round(predicted):
+            log.warning("measured %s (%d) differ from the plan's prediction (%d)", metric, measured[metric], predicted)
+        if measured[metric] > budget * total * (1 + 1e-9):
+            raise RuntimeError(
+                f"internal error: the realised model has {measured[metric]:,} {metric}, over the budget "
+                f"{budget:g} x {total:,}; please report this with the model"
+            )
+        timings["total"] = time.perf_counter() - t0
+        log.info("optimize: %s budget %.3f -> %.4f measured, largest error %.4f, %.2fs",
+                 metric, budget, measured[metric] / total, worst, timings["total"])
+        return OptimizeResult(model=work, plan=plan, graph=prep.graph, curves=prep.curves, timings=timings)
+
+    def __call__(self, work: nn.Module, budget: float, prepared: Prepared | None = None,
+                 cache: dict[str, Any] | None = None) -> OptimizeResult:
+        """Compress ``work`` **in place** to ``budget`` (all four stages) and return the result."""
+        t0 = time.perf_counter()
+        prep = prepared or self.prepare(work)
+        timings = dict(prep.timings)
+        t = time.perf_counter()
+        picked, worst = self.choose(work, prep, budget, cache=cache)
+        timings["solve"] = time.perf_counter() - t
+        return self.finish(work, budget, prep, picked, worst, timings, t0)
