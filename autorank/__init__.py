@@ -8,7 +8,7 @@ The steps ``optimize`` is built from are public for experts: :func:`analyze`
 :func:`realize` (modules), :func:`save` / :func:`load`.
 """
 
-from . import errors
+from . import measures
 from .allocators import AllocationContext, allocate, available_allocators, register_allocator, solve_curves
 from .api import optimize
 from .config import Compression, CurveConfig, DataAware, Retrain, SolverConfig
@@ -19,7 +19,7 @@ from .families import Family, available_families, get_family, register_family
 from .graph import LayerGraph, LayerInfo, analyze, count_flops, count_params
 from .io import load, load_plan, save
 from .layers import LayerHandler, register_layer_handler
-from .modules import GroupedLowRankConv, GroupedLowRankLinear
+from .families.alds import GroupedLowRankConv, GroupedLowRankLinear
 from .pipeline import CompressStep, Settings, make_plan
 from .plan import LayerPlan, Plan
 from .realize import densify, realize
@@ -38,7 +38,7 @@ __all__ = [
     "EncoderDistill",
     "Refine",
     "AllocationContext",
-    "errors",
+    "measures",
     "OptimizeResult",
     "allocate",
     "make_plan",
@@ -71,3 +71,14 @@ __all__ = [
     "count_params",
     "count_flops",
 ]
+
+
+def __getattr__(name: str):
+    """``autorank.errors``: the deprecated name of :mod:`autorank.measures` (warns)."""
+    if name == "errors":
+        import importlib
+        import warnings
+
+        warnings.warn("autorank.errors is deprecated: use autorank.measures", DeprecationWarning, stacklevel=2)
+        return importlib.import_module("autorank.errors")
+    raise AttributeError(f"module 'autorank' has no attribute {name!r}")

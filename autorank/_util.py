@@ -1,4 +1,4 @@
-"""Small runtime helpers: progress bars, thread control, deprecated module aliases."""
+"""Small runtime helpers: progress bars, thread control, deprecated aliases of moved modules and names."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 import importlib
 import sys
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -102,6 +102,26 @@ def parallel_map(
     finally:
         torch.set_num_threads(n)
     return out
+
+
+def moved_names(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module-level ``__getattr__`` that keeps old import paths of moved names working, deprecated.
+
+    ``moved`` maps each old name of ``module`` to the module that holds it now;
+    ``module.name`` then warns (``DeprecationWarning``) and returns ``new_module.name``
+    (imported by :func:`importlib.import_module` when first asked for).  Use as
+    ``__getattr__ = moved_names(__name__, {"name": "autorank.new_home"})``.
+    """
+
+    def __getattr__(name: str) -> Any:
+        target = moved.get(name)
+        if target is None:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(f"{module}.{name} has moved to {target}.{name}; import it from there",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(target), name)
+
+    return __getattr__
 
 
 def moved_module(old: str, new: str) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:

@@ -7,6 +7,8 @@ import os
 from dataclasses import InitVar, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .registry import FAMILIES
+
 __all__ = ["CurveConfig", "SolverConfig", "Compression", "DataAware", "Retrain", "check_budget", "check_metric",
            "resolve_data_parts", "as_config", "METRICS"]
 
@@ -65,7 +67,7 @@ class CurveConfig:
     grid_points:
         families whose error is measured on the factorisation itself (spatial SVD,
         Tucker-2, CP, Tensor-Train, sparse + low-rank) try at most this many ranks
-        per layer (see :func:`autorank.errors.rank_grid`).
+        per layer (see :func:`autorank.measures.rank_grid`).
     options:
         per-family settings, ``{family: {option: value}}`` (e.g.
         ``{"tucker2": {"hooi_iters": 5}}``); each family documents and validates its own.
@@ -84,12 +86,10 @@ class CurveConfig:
             fams = (fams,)
         if not isinstance(fams, (tuple, list)) or not fams:
             raise ValueError(f"CurveConfig.families must be a non-empty sequence of names, got {self.families!r}")
-        from .families import available_families
-
         for f in fams:
-            if f not in available_families():
+            if f not in FAMILIES:
                 raise ValueError(
-                    f"CurveConfig.families: unknown family {f!r}; available: {available_families()}"
+                    f"CurveConfig.families: unknown family {f!r}; available: {FAMILIES.names()}"
                 )
         object.__setattr__(self, "families", tuple(fams))
         _check_int("CurveConfig", "max_groups", self.max_groups, 1)
@@ -105,8 +105,8 @@ class CurveConfig:
             if not isinstance(self.options, dict):
                 raise TypeError(f"CurveConfig.options must be a dict {{family: {{option: value}}}}, got {self.options!r}")
             for fam, opts in self.options.items():
-                if fam not in available_families():
-                    raise ValueError(f"CurveConfig.options: unknown family {fam!r}; available: {available_families()}")
+                if fam not in FAMILIES:
+                    raise ValueError(f"CurveConfig.options: unknown family {fam!r}; available: {FAMILIES.names()}")
                 if not isinstance(opts, dict):
                     raise TypeError(f"CurveConfig.options[{fam!r}] must be a dict of options, got {opts!r}")
 

@@ -1,28 +1,11 @@
-r"""The local step: error curves eps(j, k) and the cost of every candidate.
+"""The local step: every candidate of every layer, with its error and cost (:class:`LayerCurves`).
 
-Notation: a layer's weight is the matrix ``W`` (``f x n``, ``n = c * K`` with ``K``
-kernel taps).  Splitting the ``c`` input channels into ``k`` contiguous groups
-gives column blocks ``W_1 ... W_k``; keeping rank ``j`` of each leaves the
-residual ``R = [R_1 ... R_k]`` with ``||R_i||_2 = sigma_{j+1}(W_i)``.
-
-Because ``R R^T = sum_i R_i R_i^T``,
-
-    max_i ||R_i||_2  <=  ||R||_2  <=  sqrt(sum_i ||R_i||_2^2)  <=  sqrt(k) max_i ||R_i||_2,
-
-so autorank's default error
-
-    eps(j, k) = sqrt(sum_i sigma_{j+1}(W_i)^2) / sigma_1(W)
-
-is a guaranteed upper bound on the relative operator-norm error
-``||W - W_hat||_2 / ||W||_2`` of the realised layer, and equals it for ``k = 1``.
-The reference implementation's ``max_i sigma_{j+1}(W_i) / sigma_1(W)`` is the
-lower end of the same bracket; it is kept as ``error_lower`` (and used when
-``CurveConfig(error_bound="max")``).
-
-All ranks of one ``(layer, k)`` come from one set of singular values, obtained
-as the square roots of the eigenvalues of the smaller Gram matrix of each
-block in float64 (cheaper than an SVD of a wide block, and accurate to
-``~1e-8 sigma_1``).
+For each compressible layer, every enabled decomposition family
+(:mod:`autorank.families`) lists its candidates (:class:`CandidateColumns`: the
+hyperparameters, the error in the shared measure of :mod:`autorank.measures`, and the
+parameter and FLOP cost); those no cheaper than the dense layer are dropped, and
+``dense`` (error 0) comes first.  The ALDS error curves ``eps(j, k)`` and their bounds
+are in :mod:`autorank.families.alds`.
 """
 
 from __future__ import annotations
@@ -35,92 +18,31 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._util import moved_names, parallel_map
 from .config import CurveConfig
+from .families.base import CandidateColumns, CostColumns, get_family, output_kwargs
 from .graph import LayerGraph, LayerInfo
-from ._util import parallel_map, single_thread
 
 __all__ = [
     "CandidateColumns",
     "LayerCurves",
-    "group_singular_values",
-    "grouped_error_curves",
-    "alds_cost",
-    "divisors_upto",
     "build_curves",
 ]
 
 log = logging.getLogger(__name__)
 
-
-def divisors_upto(c: int, limit: int) -> list[int]:
-    """Divisors of ``c`` that are ``<= limit`` (always includes 1)."""
-    return [d for d in range(1, min(c, limit) + 1) if c % d == 0]
-
-
-@torch.no_grad()
-def group_singular_values(weight_matrix: torch.Tensor, groups: int) -> torch.Tensor:
-    """Singular values (descending) of the ``groups`` contiguous column blocks of ``weight_matrix``.
-
-    Returns a float64 tensor of shape ``(groups, min(f, n/groups))``.
-    """
-    f, n = weight_matrix.shape
-    if n % groups:
-        raise ValueError(f"groups={groups} does not divide the {n} columns")
-    w = weight_matrix.detach().to(torch.float64).reshape(f, groups, n // groups).transpose(0, 1)
-    gram = w @ w.transpose(1, 2) if f <= n // groups else w.transpose(1, 2) @ w
-    with single_thread(gram.shape[-1]):
-        evals = torch.linalg.eigvalsh(gram)
-    return evals.flip(-1).clamp_min(0).sqrt()
-
-
-def grouped_error_curves(svals: np.ndarray, sigma1: float) -> tuple[np.ndarray, np.ndarray]:
-    """Upper and lower relative-error bounds for ranks ``j = 1 .. m`` from per-group singular values.
-
-    ``svals``: ``(k, m)`` descending singular values of each group.  Returns
-    ``(upper, lower)``, each of length ``m``, where entry ``j-1`` is
-
-        upper[j-1] = sqrt(sum_i sigma_{j+1}(W_i)^2) / sigma1,
-        lower[j-1] = max_i sigma_{j+1}(W_i) / sigma1,
-
-    with ``sigma_{m+1} = 0`` (full rank is exact).
-    """
-    k, m = svals.shape
-    tail = np.zeros((k, m))
-    tail[:, : m - 1] = svals[:, 1:]
-    if sigma1 <= 0:
-        return np.zeros(m), np.zeros(m)
-    upper = np.sqrt((tail**2).sum(axis=0)) / sigma1
-    lower = tail.max(axis=0) / sigma1
-    return upper, lower
-
-
-def alds_cost(rank: np.ndarray | int, f: int, c: int, taps: int, groups: int) -> np.ndarray | int:
-    """Weights of a grouped low-rank layer: ``j * (c*K + k*f)`` (also its MACs per output position)."""
-    return rank * (c * taps + groups * f)
+# the ALDS maths moved to autorank.families.alds (deprecated here)
+__getattr__ = moved_names(__name__, dict.fromkeys(
+    ("group_singular_values", "grouped_error_curves", "alds_cost", "divisors_upto"), "autorank.families.alds"))
 
 
 @dataclass
-class CandidateColumns:
-    """Candidates of one family for one layer, as parallel columns.
-
-    ``hyper`` holds the family's hyperparameter columns (for ALDS ``groups`` and ``rank``).
-    """
-
-    hyper: dict[str, np.ndarray]
-    error: np.ndarray
-    error_lower: np.ndarray
-    params: np.ndarray
-    flops: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.error)
-
-
-@dataclass
-class LayerCurves:
+class LayerCurves(CostColumns):
     """Every candidate of one layer: ``dense`` (index 0) and all factorisations that save cost.
 
-    Columns are numpy arrays of equal length; ``family`` indexes ``families``.
+    Columns (``family``, ``row`` and the :class:`~autorank.families.base.CostColumns` ``error``,
+    ``error_lower``, ``params``, ``flops``) are numpy arrays of equal length; ``family``
+    indexes ``families``.
     """
 
     name: str
@@ -129,13 +51,6 @@ class LayerCurves:
     family: np.ndarray
     hyper: list[dict[str, np.ndarray]]  # per family: hyperparameter columns (row = index within family)
     row: np.ndarray  # row inside the family's hyper columns
-    error: np.ndarray
-    error_lower: np.ndarray
-    params: np.ndarray
-    flops: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.error)
 
     def cost(self, metric: str) -> np.ndarray:
         return self.params if metric == "params" else self.flops
@@ -200,8 +115,6 @@ def build_layer_curves(
     ``output``: its output moment ``G`` (output-weighted errors, for the families
     with ``fits_output``), or None.
     """
-    from .families import get_family, output_kwargs
-
     names: list[str] = ["dense"]
     hypers: list[dict[str, np.ndarray]] = [{}]
     cols = {"family": [np.zeros(1, np.int16)], "row": [np.zeros(1, np.int64)],

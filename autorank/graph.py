@@ -166,7 +166,7 @@ def analyze(
         example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword inputs.
         exclude: ``fnmatch`` patterns of qualified module names to leave dense.
         embeddings: also treat ``nn.Embedding`` tables as compressible matrices
-            (``dim x num_embeddings``, see :class:`autorank.modules.LowRankEmbedding`).
+            (``dim x num_embeddings``, see :class:`autorank.families.alds.LowRankEmbedding`).
 
     Raises:
         TypeError / ValueError: bad arguments.

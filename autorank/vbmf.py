@@ -32,17 +32,17 @@ import math
 import numpy as np
 import torch
 
+from . import linalg
+
 __all__ = ["evbmf_rank", "evbmf_threshold", "singular_values"]
 
 TAU_BAR_COEF = 2.5129  # tau_bar / sqrt(alpha), the root of the EVB threshold equation (Nakajima 2013)
 
 
 def singular_values(matrix: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Descending singular values of a 2-D array (float64)."""
+    """Descending singular values of a 2-D array (float64), by :func:`autorank.linalg.singular_values`."""
     a = torch.as_tensor(np.asarray(matrix) if not isinstance(matrix, torch.Tensor) else matrix.detach())
-    a = a.to(torch.float64)
-    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
-    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt().numpy()
+    return linalg.singular_values(a.to(torch.float64), threads=True).numpy()
 
 
 def _tau(x: np.ndarray, alpha: float) -> np.ndarray:

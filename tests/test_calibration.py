@@ -9,13 +9,9 @@ import torch.nn as nn
 from scipy.optimize import minimize
 
 import autorank
-from autorank.calibration import (
-    collect_moments,
-    layer_inputs,
-    whitened_error_curve,
-    whitened_factors,
-    whitened_factors_cholesky,
-)
+from autorank.calibration import collect_moments, layer_inputs
+from autorank.families.alds import whitened_error_curve
+from autorank.linalg import whitened_factors, whitened_factors_cholesky
 from tests.tiny_models import build
 
 CONVS = [
@@ -196,7 +192,7 @@ def test_data_aware_plan_errors_are_measured_errors():
             continue
         dense = dict(model.named_modules())[name].weight.double()
         approx = dict(res.model.named_modules())[name].to_dense().weight.double()
-        measured = autorank.errors.relative_data_error(dense, approx, moms[name].matrix)
+        measured = autorank.measures.relative_data_error(dense, approx, moms[name].matrix)
         assert lp.error == pytest.approx(measured, rel=1e-4, abs=1e-6)
 
 
@@ -224,8 +220,8 @@ def test_diagonal_moment_of_an_embedding_matches_the_dense_form():
     a, b = whitened_factors(w, d, 1, 2)
     a2, b2 = whitened_factors(w, torch.diag(d), 1, 2)
     torch.testing.assert_close(b[0] @ a[0], b2[0] @ a2[0])
-    err = autorank.errors.relative_data_error(w, b[0] @ a[0], d)
-    assert err == pytest.approx(autorank.errors.relative_data_error(w, b[0] @ a[0], torch.diag(d)))
+    err = autorank.measures.relative_data_error(w, b[0] @ a[0], d)
+    assert err == pytest.approx(autorank.measures.relative_data_error(w, b[0] @ a[0], torch.diag(d)))
     assert err == pytest.approx(e_diag[1], abs=1e-9)
 
 

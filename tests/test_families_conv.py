@@ -11,7 +11,7 @@ import autorank.families.cp  # noqa: F401  (registers "cp")
 import autorank.families.spatial  # noqa: F401  (registers "spatial_svd")
 import autorank.families.tucker  # noqa: F401  (registers "tucker2")
 from autorank.config import CurveConfig
-from autorank.errors import relative_data_error, relative_spectral_error
+from autorank.measures import relative_data_error, relative_spectral_error
 from autorank.families import get_family
 from autorank.families.cp import cp_factors, cp_weight
 from autorank.families.tucker import hooi, hosvd, tucker2_core, tucker2_weight, vbmf_ranks

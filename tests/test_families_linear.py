@@ -13,7 +13,7 @@ import autorank.families.alrf as alrf
 import autorank.families.sparse_lowrank as slr
 import autorank.families.tt as tt
 from autorank.config import CurveConfig
-from autorank.errors import relative_errors
+from autorank.measures import relative_errors
 from autorank.families import get_family
 from autorank.modules import Factorized
 

@@ -56,6 +56,7 @@ ALIASES: dict[str, str] = {
     "autorank.text": "autorank.apps.text",
     "autorank.zoo": "autorank.apps.zoo",
     "autorank.baselines": "autorank.allocators",
+    "autorank.errors": "autorank.measures",
 }
 # aliases that gather names from several new modules (each has its own test)
 GATHERED = frozenset({"autorank.baselines"})

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autorank.curves import group_singular_values, grouped_error_curves
-from autorank.modules import GroupedLowRankConv, GroupedLowRankLinear, grouped_low_rank_factors
+from autorank.families.alds import (GroupedLowRankConv, GroupedLowRankLinear, group_singular_values,
+                                    grouped_error_curves)
+from autorank.linalg import grouped_low_rank_factors
 
 LAYERS = [
     ("linear", lambda: nn.Linear(24, 16), lambda: torch.randn(5, 24)),

@@ -7,14 +7,10 @@ import torch
 import torch.nn as nn
 
 import autorank
-from autorank.calibration import (
-    collect_output_moments,
-    output_roots,
-    primary_output,
-    whitened_error_curve,
-    whitened_factors,
-)
+from autorank.calibration import collect_output_moments, primary_output
 from autorank.families import get_family, output_kwargs
+from autorank.families.alds import whitened_error_curve
+from autorank.linalg import output_roots, whitened_factors
 
 
 def _psd(n: int, seed: int, decay: float = 0.7) -> torch.Tensor:

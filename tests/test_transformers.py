@@ -19,7 +19,8 @@ import autorank
 from autorank.apps import text
 from autorank.calibration import collect_moments
 from autorank.layers import get_layer_handler
-from autorank.modules import GroupedLowRankLinear, LowRankEmbedding, grouped_low_rank_factors
+from autorank.families.alds import GroupedLowRankLinear, LowRankEmbedding
+from autorank.linalg import grouped_low_rank_factors
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402

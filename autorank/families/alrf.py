@@ -57,14 +57,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..calibration import whitened_factors
 from ..config import CurveConfig
-from ..curves import CandidateColumns
-from ..errors import check_hyper, rank_grid, relative_errors
 from ..graph import LayerInfo
 from ..layers import LINEAR_KINDS, get_layer_handler
-from ..modules import Factorized, grouped_low_rank_factors
-from . import Family, family_options, register_family
+from ..linalg import grouped_low_rank_factors, whitened_factors
+from ..measures import check_hyper, rank_grid, relative_errors
+from ..modules import Factorized
+from .base import CandidateColumns, Family, family_options, register_family
 
 __all__ = ["VARIANTS", "alrf_cost", "default_pool", "random_projection", "ALRFLinear", "ALRFConv2d", "build"]
 
@@ -331,12 +330,8 @@ def _supports(module: nn.Module, info: LayerInfo) -> bool:
 
 
 ALRF = register_family(
-    Family(
-        name="alrf",
-        supports=_supports,
-        candidates=_candidates,
-        realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
-        skeleton=lambda module, hyper: build(module, hyper, init=False),
+    Family.from_build(
+        "alrf", _supports, _candidates, build,
         needs_finetune=True,
         description="adaptive mixture of low-rank factorisations (ALRF); equals truncated SVD until fine-tuned",
     )

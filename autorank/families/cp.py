@@ -6,7 +6,7 @@ r"""CP (canonical polyadic) decomposition of a 2-D convolution (Lebedev et al., 
 
 The fit is ill-posed (the best rank-``R`` approximation need not exist, and ALS finds
 a local optimum), so the error reported for a candidate is *measured* on the kernel
-of the layer that is built (:func:`autorank.errors.relative_errors`).
+of the layer that is built (:func:`autorank.measures.relative_errors`).
 
 **Fit** (:func:`cp_factors`), in float64 with tensorly's ``parafac`` (ALS):
 
@@ -35,7 +35,7 @@ call on an ``N x c x H x W`` input with output ``Ho x Wo``:
 
     c*R * N*H*W  +  R*kh * N*Ho*W  +  R*kw * N*Ho*Wo  +  f*R * N*Ho*Wo
 
-**Candidates.**  ``R`` on :func:`autorank.errors.rank_grid` up to
+**Candidates.**  ``R`` on :func:`autorank.measures.rank_grid` up to
 ``min(max_rank, (f*c*kh*kw) / max(f, c, kh, kw))`` (the latter bounds any CP rank);
 ranks whose fit fails or is not finite are left out (logged at debug level).
 
@@ -62,14 +62,12 @@ import torch
 import torch.nn as nn
 
 from ..config import CurveConfig
-from ..curves import CandidateColumns
-from ..errors import check_hyper, rank_grid, relative_errors
 from ..graph import LayerInfo
+from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
-from . import Family, family_options, register_family
-from .spatial import (Conv2dGeometry, as_pair, call_flops, dense_conv, require_geometry,
-                      supports_multi_tap_conv)
-from .tucker import leading_left, unfold_in, unfold_out
+from .base import CandidateColumns, Family, family_options, register_family
+from .conv import (Conv2dGeometry, as_pair, call_flops, dense_conv, leading_left, require_geometry,
+                   supports_multi_tap_conv, unfold_in, unfold_out)
 
 __all__ = ["CPFactors", "cp_rank_limit", "cp_factors", "cp_weight", "cp_cost", "CPConv", "CP"]
 
@@ -140,7 +138,7 @@ def cp_factors(weight: torch.Tensor, rank: int, n_iter_max: int = 100, tol: floa
                seed: int = SEED, bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> CPFactors:
     """Rank-``rank`` CP factors of a conv kernel ``weight`` (``f x c x kh x kw``), see the module docstring.
 
-    ``bases``: the full :func:`autorank.families.tucker.leading_left` bases of the output- and
+    ``bases``: the full :func:`autorank.families.conv.leading_left` bases of the output- and
     input-channel unfoldings (shared by every rank of a layer).  Raises ValueError for a bad
     rank and FloatingPointError when the fit is not finite.
     """
@@ -315,12 +313,8 @@ def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None 
 
 
 CP = register_family(
-    Family(
-        name=NAME,
-        supports=supports_multi_tap_conv,
-        candidates=_candidates,
-        realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
-        skeleton=lambda module, hyper: build(module, hyper, init=False),
+    Family.from_build(
+        NAME, supports_multi_tap_conv, _candidates, build,
         description="CP: 1x1, depthwise kh x 1, depthwise 1 x kw, 1x1 conv (Lebedev 2015; tensorly ALS)",
     )
 )

@@ -66,7 +66,7 @@ the ``s`` kept column indices in an int64 *buffer* (not a parameter, not counted
 (without the bias), times the output positions; the gather and the sums are free.
 
 Candidates: ``columns`` in ``{0} + {n * max_column_fraction / 2^k, k < column_points}``
-and ``rank`` on :func:`autorank.errors.rank_grid` with ``min(grid_points, rank_points)``
+and ``rank`` on :func:`autorank.measures.rank_grid` with ``min(grid_points, rank_points)``
 points (and ``rank = 0``, pure column selection, for ``columns > 0``).  Options
 (``CurveConfig(options={"sparse_lowrank": {...}})``): ``max_column_fraction`` (float,
 0.25, in (0, 1]), ``column_points`` (int, 3, >= 1), ``rank_points`` (int, 6, >= 2).
@@ -83,12 +83,12 @@ import torch
 import torch.nn as nn
 
 from ..config import CurveConfig
-from ..curves import CandidateColumns
-from ..errors import check_hyper, rank_grid, relative_errors
 from ..graph import LayerInfo
 from ..layers import LINEAR_KINDS, get_layer_handler
+from ..linalg import gram_eigh, sym_eigh, sym_eigvalsh, weighted_gram
+from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
-from . import Family, family_options, register_family
+from .base import CandidateColumns, Family, family_options, register_family, supports_kinds
 
 __all__ = ["group_soft_threshold", "column_weights", "singular_value_threshold", "sparse_lowrank_objective",
            "ADMMResult", "admm_sparse_lowrank", "refit_sparse_lowrank", "select_support", "refine_support",
@@ -119,9 +119,7 @@ def singular_value_threshold(x: torch.Tensor, tau: float) -> tuple[torch.Tensor,
     """
     if math.isinf(tau):
         return torch.zeros_like(x), torch.zeros(0, dtype=x.dtype)
-    left = x.shape[0] <= x.shape[1]
-    gram = x @ x.T if left else x.T @ x
-    evals, vecs = torch.linalg.eigh(0.5 * (gram + gram.T))
+    evals, vecs, left = gram_eigh(x, symmetrize=True, threads=True)
     s = evals.clamp_min(0).sqrt()
     scale = (1.0 - tau / s.clamp_min(torch.finfo(x.dtype).tiny)).clamp_min(0.0)
     keep = scale > 0
@@ -174,7 +172,7 @@ def admm_sparse_lowrank(weight: torch.Tensor, moment: torch.Tensor | None, lam: 
     w = weight.detach().to(torch.float64)
     f, n = w.shape
     m = _moment(n, moment)
-    evals, q = torch.linalg.eigh(0.5 * (m + m.T))
+    evals, q = sym_eigh(m, symmetrize=True, threads=True)
     evals = evals.clamp_min(0.0)
     if rho is None:
         rho = float(evals[-1]) if float(evals[-1]) > 0 else 1.0
@@ -204,8 +202,7 @@ def admm_sparse_lowrank(weight: torch.Tensor, moment: torch.Tensor | None, lam: 
 
 def _whitened_projector(w: torch.Tensor, m: torch.Tensor, rank: int) -> torch.Tensor:
     """``U_r`` (``f x r``): top eigenvectors of ``W M W^T`` (the optimal rank-r ``B = U_r U_r^T W`` under weight ``M``)."""
-    cov = w @ m @ w.T
-    _, u = torch.linalg.eigh(0.5 * (cov + cov.T))
+    _, u = sym_eigh(weighted_gram(w, m), symmetrize=True, threads=True)
     return u[:, -rank:].flip(-1) if rank else u[:, :0]
 
 
@@ -253,9 +250,8 @@ def select_support(weight: torch.Tensor, moment: torch.Tensor | None, rank: int,
     w = w * c
     m = _moment(n, moment) / c[:, None] / c[None, :]
     moment = None if moment is None else m
-    norm_m = float(torch.linalg.eigvalsh(0.5 * (m + m.T))[-1])
-    cov = w @ m @ w.T
-    sig = torch.linalg.eigvalsh(0.5 * (cov + cov.T)).flip(0).clamp_min(0).sqrt()
+    norm_m = float(sym_eigvalsh(m, symmetrize=True, threads=True)[-1])
+    sig = sym_eigvalsh(weighted_gram(w, m), symmetrize=True, threads=True).flip(0).clamp_min(0).sqrt()
     if rank == 0:
         mu = math.inf
         b_r = torch.zeros_like(w)
@@ -518,18 +514,9 @@ def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None 
                                device=w.device, dtype=w.dtype)
 
 
-def _supports(module: nn.Module, info: LayerInfo) -> bool:
-    handler = get_layer_handler(module)
-    return handler is not None and handler.kind in LINEAR_KINDS
-
-
 SPARSE_LOWRANK = register_family(
-    Family(
-        name="sparse_lowrank",
-        supports=_supports,
-        candidates=_candidates,
-        realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
-        skeleton=lambda module, hyper: build(module, hyper, init=False),
+    Family.from_build(
+        "sparse_lowrank", supports_kinds(LINEAR_KINDS), _candidates, build,
         description="column-sparse + low-rank (Yu et al. 2017), ADMM support selection and exact refit",
         fits_data=True,
     )

@@ -28,143 +28,40 @@ call on an ``N x c x H x W`` input with output ``Ho x Wo``:
 
     K*c*kh * N*Ho*W   (vertical, full input width)  +  f*K*kw * N*Ho*Wo   (horizontal)
 
-**Candidates.**  ``K`` on :func:`autorank.errors.rank_grid` up to
+**Candidates.**  ``K`` on :func:`autorank.measures.rank_grid` up to
 ``min(c*kh, kw*f)``, all from one SVD; the error of each is that of the realised
 layer (weight-only ``||W - W_hat||_2 / ||W||_2`` or, with a calibration moment, the
-data-aware one), via :func:`autorank.errors.relative_errors`.  The factors are
+data-aware one), via :func:`autorank.measures.relative_errors`.  The factors are
 always fitted to the weights.  No options.
 
-This module also holds the 2-D conv geometry helpers shared by the other
-convolution families (:mod:`.tucker`, :mod:`.cp`).
+The 2-D conv geometry helpers it shares with the other convolution families are in
+:mod:`.conv`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .._util import single_thread
+from .._util import moved_names, single_thread
 from ..config import CurveConfig
-from ..curves import CandidateColumns
-from ..errors import check_hyper, rank_grid, relative_errors
 from ..graph import LayerInfo
+from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
-from . import Family, family_options, register_family
+from .base import CandidateColumns, Family, family_options, register_family
+from .conv import Conv2dGeometry, as_pair, call_flops, conv2d_geometry, dense_conv, require_geometry
 
-__all__ = ["Conv2dGeometry", "conv2d_geometry", "conv_out_size", "call_flops", "dense_conv", "as_pair",
-           "require_geometry", "spatial_matrix", "spatial_svd", "spatial_svd_factors", "spatial_svd_weight", "spatial_svd_cost",
+__all__ = ["spatial_matrix", "spatial_svd", "spatial_svd_factors", "spatial_svd_weight", "spatial_svd_cost",
            "SpatialSVDConv", "SPATIAL_SVD"]
 
+# the conv helpers moved to .conv; the ones not imported above are deprecated here
+__getattr__ = moved_names(__name__, dict.fromkeys(("conv_out_size", "supports_multi_tap_conv"),
+                                                  "autorank.families.conv"))
+
 NAME = "spatial_svd"
-
-
-# ---- 2-D conv geometry (shared by the convolution families) -------------------------------
-
-
-@dataclass(frozen=True)
-class Conv2dGeometry:
-    """The geometry of an ``nn.Conv2d`` with ``groups = 1`` and integer padding."""
-
-    in_channels: int
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    padding_mode: str
-    bias: bool
-
-    @property
-    def taps(self) -> int:
-        return self.kernel[0] * self.kernel[1]
-
-    def out_hw(self, h: int, w: int) -> tuple[int, int]:
-        """Output height and width for an ``h x w`` input."""
-        return tuple(conv_out_size(s, k, st, p, d) for s, k, st, p, d in
-                     zip((h, w), self.kernel, self.stride, self.padding, self.dilation))  # type: ignore[return-value]
-
-
-def as_pair(v: int | Sequence[int]) -> tuple[int, int]:
-    """``(v, v)`` for an int, else the first two entries as ints."""
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def conv2d_geometry(module: nn.Module) -> Conv2dGeometry | None:
-    """The geometry of ``module``, or None if it is not an ``nn.Conv2d`` with ``groups = 1``.
-
-    ``padding="valid"`` is read as 0 and ``padding="same"`` as ``d*(k-1)/2`` where that
-    is an integer in both dimensions (otherwise the layer is not supported).
-    """
-    if not isinstance(module, nn.Conv2d) or module.groups != 1:
-        return None
-    kernel, stride, dilation = as_pair(module.kernel_size), as_pair(module.stride), as_pair(module.dilation)
-    padding = module.padding
-    if padding == "valid":
-        padding = (0, 0)
-    elif padding == "same":
-        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-        if any(t % 2 for t in total):
-            return None
-        padding = (total[0] // 2, total[1] // 2)
-    elif isinstance(padding, str):
-        return None
-    return Conv2dGeometry(module.in_channels, module.out_channels, kernel, stride, as_pair(padding), dilation,
-                          module.padding_mode, module.bias is not None)
-
-
-def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """Output length of a convolution along one dimension (PyTorch's formula)."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def _input_nhw(info: LayerInfo) -> tuple[int, int, int]:
-    shape = tuple(info.in_shape)
-    if len(shape) == 3:  # unbatched (c, H, W)
-        return 1, shape[1], shape[2]
-    return shape[0], shape[2], shape[3]
-
-
-def call_flops(info: LayerInfo, geom: Conv2dGeometry, per_call) -> np.ndarray:
-    """Scale multiply-accumulates of one call to the layer's example batch, as int64.
-
-    ``per_call(n, h, w, ho, wo)`` returns the MACs (an int64 array) of one call on an
-    ``n x c x h x w`` input (``info.in_shape``) whose dense output is ``ho x wo``.  The
-    result is scaled by ``info.positions / (n*ho*wo)``, i.e. by ``info.calls`` when every
-    call sees the first call's shape (exact), proportionally otherwise.
-    """
-    n, h, w = _input_nhw(info)
-    ho, wo = geom.out_hw(h, w)
-    macs = np.asarray(per_call(n, h, w, ho, wo), dtype=np.int64)
-    out = n * ho * wo
-    if out <= 0 or info.positions == out:
-        return macs
-    return (macs * int(info.positions) + out // 2) // out
-
-
-def dense_conv(geom: Conv2dGeometry, weight: torch.Tensor, bias: torch.Tensor | None,
-               like: torch.Tensor) -> nn.Conv2d:
-    """The ``nn.Conv2d`` of ``geom`` with ``weight`` and ``bias``, on ``like``'s device and dtype."""
-    out = nn.Conv2d(geom.in_channels, geom.out_channels, geom.kernel, stride=geom.stride, padding=geom.padding,
-                    dilation=geom.dilation, bias=geom.bias, padding_mode=geom.padding_mode,
-                    device=like.device, dtype=like.dtype)
-    with torch.no_grad():
-        out.weight.copy_(weight.to(out.weight.dtype))
-        if bias is not None:
-            out.bias.copy_(bias)
-    return out
-
-
-def require_geometry(family: str, module: nn.Module) -> Conv2dGeometry:
-    """:func:`conv2d_geometry` of ``module``, or a TypeError naming ``family``."""
-    geom = conv2d_geometry(module)
-    if geom is None:
-        raise TypeError(f"{family} factorises nn.Conv2d layers with groups=1 and integer padding, "
-                        f"got {module!r}")
-    return geom
 
 
 # ---- maths ----------------------------------------------------------------------------------
@@ -271,13 +168,6 @@ def _supports(module: nn.Module, info: LayerInfo) -> bool:
     return geom is not None and geom.kernel[0] > 1 and geom.kernel[1] > 1
 
 
-def supports_multi_tap_conv(module: nn.Module, info: LayerInfo) -> bool:
-    """The ``supports`` of the families that factorise a 2-D convolution's kernel (Tucker-2, CP):
-    a ``groups=1`` Conv2d with more than one tap."""
-    geom = conv2d_geometry(module)
-    return geom is not None and geom.taps > 1
-
-
 def _check_rank(geom: Conv2dGeometry, hyper: dict[str, Any]) -> int:
     rank = check_hyper(NAME, hyper, ("rank",))["rank"]
     kh, kw = geom.kernel
@@ -322,12 +212,8 @@ def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None 
 
 
 SPATIAL_SVD = register_family(
-    Family(
-        name=NAME,
-        supports=_supports,
-        candidates=_candidates,
-        realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
-        skeleton=lambda module, hyper: build(module, hyper, init=False),
+    Family.from_build(
+        NAME, _supports, _candidates, build,
         description="spatial SVD: a kh x 1 conv then a 1 x kw conv (Jaderberg 2014, Tai 2016)",
     )
 )

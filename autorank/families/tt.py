@@ -34,7 +34,7 @@ times the layer's output positions (rows) over the example batch; reshapes,
 permutations and the bias add are free (what :func:`autorank.count_flops` measures).
 
 Candidates: ``d`` in ``2 .. max_cores`` (where both sizes factor) and ``rank`` on
-:func:`autorank.errors.rank_grid` up to ``max_k R_k``; candidates more expensive
+:func:`autorank.measures.rank_grid` up to ``max_k R_k``; candidates more expensive
 than dense in both parameters and MACs are not computed.
 
 Options (``CurveConfig(options={"tt": {...}})``): ``max_cores`` (int, default 4,
@@ -51,12 +51,11 @@ import torch
 import torch.nn as nn
 
 from ..config import CurveConfig
-from ..curves import CandidateColumns
-from ..errors import check_hyper, rank_grid, relative_errors
 from ..graph import LayerInfo
 from ..layers import LINEAR_KINDS, get_layer_handler
+from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
-from . import Family, family_options, register_family
+from .base import CandidateColumns, Family, family_options, register_family
 
 __all__ = ["balanced_factors", "tt_bond_limits", "tt_ranks", "tt_svd", "tt_matrix_svd", "tt_matrix_full",
            "tt_forward", "tt_cost", "TTLinear"]
@@ -345,12 +344,8 @@ def _supports(module: nn.Module, info: LayerInfo) -> bool:
 
 
 TT = register_family(
-    Family(
-        name="tt",
-        supports=_supports,
-        candidates=_candidates,
-        realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
-        skeleton=lambda module, hyper: build(module, hyper, init=False),
+    Family.from_build(
+        "tt", _supports, _candidates, build,
         description="Tensor-Train matrix layer (Novikov et al. 2015) initialised by TT-SVD",
     )
 )

@@ -30,10 +30,10 @@ Multiply-accumulates per call on an ``N x c x H x W`` input with output ``Ho x W
 
     c*R3 * N*H*W  +  kh*kw*R3*R4 * N*Ho*Wo  +  f*R4 * N*Ho*Wo
 
-**Candidates.**  ``R3`` and ``R4`` each on :func:`autorank.errors.rank_grid` (up to
+**Candidates.**  ``R3`` and ``R4`` each on :func:`autorank.measures.rank_grid` (up to
 ``c`` and ``f``), keeping the pairs whose relative ranks ``R3/c`` and ``R4/f`` are
 within a factor of 2 of each other; errors are measured on the realised kernel by
-:func:`autorank.errors.relative_errors` (the factors are fitted to the weights).
+:func:`autorank.measures.relative_errors` (the factors are fitted to the weights).
 Hyperparameters ``{"rank_in": R3, "rank_out": R4, "hooi_iters": n}``.
 
 Options (``CurveConfig(options={"tucker2": {...}})``):
@@ -52,49 +52,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._util import single_thread
 from ..config import CurveConfig
-from ..curves import CandidateColumns
-from ..errors import check_hyper, rank_grid, relative_errors
 from ..graph import LayerInfo
+from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
 from ..vbmf import evbmf_rank
-from . import Family, family_options, register_family
-from .spatial import (Conv2dGeometry, as_pair, call_flops, dense_conv, require_geometry,
-                      supports_multi_tap_conv)
+from .base import CandidateColumns, Family, family_options, register_family
+from .conv import (Conv2dGeometry, as_pair, call_flops, dense_conv, leading_left, require_geometry,
+                   supports_multi_tap_conv, unfold_in, unfold_out)
 
-__all__ = ["unfold_out", "unfold_in", "leading_left", "hosvd", "hooi", "tucker2_core", "tucker2_factors",
-           "tucker2_weight", "tucker2_cost", "tucker2_rankas_pairs", "vbmf_ranks", "Tucker2Conv", "TUCKER2"]
-
+__all__ = ["hosvd", "hooi", "tucker2_core", "tucker2_factors", "tucker2_weight", "tucker2_cost",
+           "tucker2_rankas_pairs", "vbmf_ranks", "Tucker2Conv", "TUCKER2"]
 NAME = "tucker2"
 DEFAULTS: dict[str, Any] = {"hooi_iters": 2, "ranks": "grid"}
 RANK_CHOICES = ("grid", "vbmf", "grid+vbmf")
 
 
 # ---- maths ----------------------------------------------------------------------------------
-
-
-def unfold_out(weight: torch.Tensor) -> torch.Tensor:
-    """Output-channel unfolding ``W_(out)``: ``f x (c*kh*kw)``, float64."""
-    return weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
-
-
-def unfold_in(weight: torch.Tensor) -> torch.Tensor:
-    """Input-channel unfolding ``W_(in)``: ``c x (f*kh*kw)``, float64."""
-    return weight.detach().to(torch.float64).transpose(0, 1).reshape(weight.shape[1], -1)
-
-
-@torch.no_grad()
-def leading_left(matrix: torch.Tensor, rank: int | None = None) -> torch.Tensor:
-    """The ``rank`` leading left singular vectors of ``matrix`` (all when None), descending, float64.
-
-    From the eigendecomposition of ``A A^T``; the columns are orthonormal to rounding.
-    """
-    a = matrix.to(torch.float64)
-    with single_thread(a.shape[0]):
-        _, vecs = torch.linalg.eigh(a @ a.T)
-    vecs = vecs.flip(-1)
-    return vecs if rank is None else vecs[:, :rank]
 
 
 def hosvd(weight: torch.Tensor, rank_in: int, rank_out: int,
@@ -280,12 +254,8 @@ def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None 
 
 
 TUCKER2 = register_family(
-    Family(
-        name=NAME,
-        supports=supports_multi_tap_conv,
-        candidates=_candidates,
-        realize=lambda module, hyper, moment=None: build(module, hyper, moment, init=True),
-        skeleton=lambda module, hyper: build(module, hyper, init=False),
+    Family.from_build(
+        NAME, supports_multi_tap_conv, _candidates, build,
         description="Tucker-2 over the channel modes: 1x1, kh x kw core, 1x1 conv (Kim 2016; HOSVD + HOOI)",
     )
 )

@@ -1,0 +1,166 @@
+r"""What every convolution family shares: 2-D conv geometry, FLOP scaling, and kernel unfoldings.
+
+A 2-D kernel ``W`` (``f x c x kh x kw``) has two channel unfoldings,
+
+    W_(out) = W reshaped to f x (c*kh*kw),       W_(in) = W^T reshaped to c x (f*kh*kw),
+
+whose leading left singular vectors (:func:`leading_left`, from the eigendecomposition
+of ``A A^T`` in float64) start Tucker-2 and CP.  :class:`Conv2dGeometry` is the
+geometry of an ``nn.Conv2d`` with ``groups = 1`` and integer padding, the layers the
+spatial SVD, Tucker-2 and CP families factorise; :func:`call_flops` scales one call's
+multiply-accumulates to the layer's example batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..linalg import sym_eigh
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..graph import LayerInfo
+
+__all__ = ["Conv2dGeometry", "conv2d_geometry", "conv_out_size", "call_flops", "dense_conv", "as_pair",
+           "require_geometry", "supports_multi_tap_conv", "unfold_out", "unfold_in", "leading_left"]
+
+
+# ---- 2-D conv geometry ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conv2dGeometry:
+    """The geometry of an ``nn.Conv2d`` with ``groups = 1`` and integer padding."""
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    padding_mode: str
+    bias: bool
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    def out_hw(self, h: int, w: int) -> tuple[int, int]:
+        """Output height and width for an ``h x w`` input."""
+        return tuple(conv_out_size(s, k, st, p, d) for s, k, st, p, d in
+                     zip((h, w), self.kernel, self.stride, self.padding, self.dilation))  # type: ignore[return-value]
+
+
+def as_pair(v: int | Sequence[int]) -> tuple[int, int]:
+    """``(v, v)`` for an int, else the first two entries as ints."""
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv2d_geometry(module: nn.Module) -> Conv2dGeometry | None:
+    """The geometry of ``module``, or None if it is not an ``nn.Conv2d`` with ``groups = 1``.
+
+    ``padding="valid"`` is read as 0 and ``padding="same"`` as ``d*(k-1)/2`` where that
+    is an integer in both dimensions (otherwise the layer is not supported).
+    """
+    if not isinstance(module, nn.Conv2d) or module.groups != 1:
+        return None
+    kernel, stride, dilation = as_pair(module.kernel_size), as_pair(module.stride), as_pair(module.dilation)
+    padding = module.padding
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        if any(t % 2 for t in total):
+            return None
+        padding = (total[0] // 2, total[1] // 2)
+    elif isinstance(padding, str):
+        return None
+    return Conv2dGeometry(module.in_channels, module.out_channels, kernel, stride, as_pair(padding), dilation,
+                          module.padding_mode, module.bias is not None)
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one dimension (PyTorch's formula)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _input_nhw(info: LayerInfo) -> tuple[int, int, int]:
+    shape = tuple(info.in_shape)
+    if len(shape) == 3:  # unbatched (c, H, W)
+        return 1, shape[1], shape[2]
+    return shape[0], shape[2], shape[3]
+
+
+def call_flops(info: LayerInfo, geom: Conv2dGeometry, per_call) -> np.ndarray:
+    """Scale multiply-accumulates of one call to the layer's example batch, as int64.
+
+    ``per_call(n, h, w, ho, wo)`` returns the MACs (an int64 array) of one call on an
+    ``n x c x h x w`` input (``info.in_shape``) whose dense output is ``ho x wo``.  The
+    result is scaled by ``info.positions / (n*ho*wo)``, i.e. by ``info.calls`` when every
+    call sees the first call's shape (exact), proportionally otherwise.
+    """
+    n, h, w = _input_nhw(info)
+    ho, wo = geom.out_hw(h, w)
+    macs = np.asarray(per_call(n, h, w, ho, wo), dtype=np.int64)
+    out = n * ho * wo
+    if out <= 0 or info.positions == out:
+        return macs
+    return (macs * int(info.positions) + out // 2) // out
+
+
+def dense_conv(geom: Conv2dGeometry, weight: torch.Tensor, bias: torch.Tensor | None,
+               like: torch.Tensor) -> nn.Conv2d:
+    """The ``nn.Conv2d`` of ``geom`` with ``weight`` and ``bias``, on ``like``'s device and dtype."""
+    out = nn.Conv2d(geom.in_channels, geom.out_channels, geom.kernel, stride=geom.stride, padding=geom.padding,
+                    dilation=geom.dilation, bias=geom.bias, padding_mode=geom.padding_mode,
+                    device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight.to(out.weight.dtype))
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
+def require_geometry(family: str, module: nn.Module) -> Conv2dGeometry:
+    """:func:`conv2d_geometry` of ``module``, or a TypeError naming ``family``."""
+    geom = conv2d_geometry(module)
+    if geom is None:
+        raise TypeError(f"{family} factorises nn.Conv2d layers with groups=1 and integer padding, "
+                        f"got {module!r}")
+    return geom
+
+
+def supports_multi_tap_conv(module: nn.Module, info: LayerInfo) -> bool:
+    """The ``supports`` of the families that factorise a 2-D convolution's kernel (Tucker-2, CP):
+    a ``groups=1`` Conv2d with more than one tap."""
+    geom = conv2d_geometry(module)
+    return geom is not None and geom.taps > 1
+
+
+# ---- kernel unfoldings ---------------------------------------------------------------------
+
+
+def unfold_out(weight: torch.Tensor) -> torch.Tensor:
+    """Output-channel unfolding ``W_(out)``: ``f x (c*kh*kw)``, float64."""
+    return weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
+
+
+def unfold_in(weight: torch.Tensor) -> torch.Tensor:
+    """Input-channel unfolding ``W_(in)``: ``c x (f*kh*kw)``, float64."""
+    return weight.detach().to(torch.float64).transpose(0, 1).reshape(weight.shape[1], -1)
+
+
+@torch.no_grad()
+def leading_left(matrix: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """The ``rank`` leading left singular vectors of ``matrix`` (all when None), descending, float64.
+
+    From the eigendecomposition of ``A A^T``; the columns are orthonormal to rounding.
+    """
+    a = matrix.to(torch.float64)
+    _, vecs = sym_eigh(a @ a.T)
+    vecs = vecs.flip(-1)
+    return vecs if rank is None else vecs[:, :rank]
