@@ -30,7 +30,7 @@ positions of the calibration batches (one probe per batch).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ._util import moved_names, progress_bar
 from .layers import LINEAR_KINDS
+from .nested import entry, primary_tensor, run_model, tensors
 
 __all__ = [
     "Moments",
@@ -70,11 +71,21 @@ class Moments:
     sum: torch.Tensor  # (n, n) float64, or (n,) when x x^T is diagonal (one-hot inputs of an embedding)
     count: int = 0
     output: "Moments | None" = None
+    _g: Any = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def output_matrix(self) -> torch.Tensor | None:
-        """``G`` (``f x f`` float64) when output moments were collected, else None."""
-        return None if self.output is None else self.output.matrix
+        """``G`` (``f x f`` float64) when output moments were collected, else None.
+
+        The same tensor object on every call while the output moment is unchanged, so that
+        :func:`autorank.linalg.output_roots` decomposes it once for the curves, the
+        realisation and the refit."""
+        if self.output is None:
+            return None
+        key = (id(self.output), self.output.count)
+        if self._g is None or self._g[0] != key:
+            self._g = (key, self.output.matrix)
+        return self._g[1]
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -142,10 +153,18 @@ def layer_rows(module: nn.Module, x: torch.Tensor, kind: str, mask: torch.Tensor
     return layer_inputs(module, x, kind)
 
 
+def check_finite_batch(batch: Any, index: int) -> None:
+    """``ValueError`` naming calibration batch ``index`` when one of its floating-point tensors holds NaN or Inf."""
+    for t in tensors(batch):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise ValueError(f"calibration batch {index} holds {what} values (a tensor of shape {tuple(t.shape)}); "
+                             "moments of non-finite inputs are meaningless: clean or drop that batch")
+
+
 def _forward(model: nn.Module, batch: Any, index: int) -> Any:
     """``model`` on calibration batch ``index``; a failing batch is named in a RuntimeError."""
-    from .graph import run_model
-
+    check_finite_batch(batch, index)
     try:
         return run_model(model, batch)
     except Exception as exc:  # a bad batch: say which one, plainly
@@ -169,7 +188,7 @@ def _stream(model: nn.Module, batches: Iterable[Any], hooks: Iterable[Callable[[
     try:
         handles = [register() for register in hooks]
         for batch in progress_bar(batches, desc, progress):
-            state["mask"] = batch.get(mask_key) if isinstance(batch, Mapping) else None
+            state["mask"] = entry(batch, mask_key)
             step(batch, n_batches)
             n_batches += 1
     finally:
@@ -246,14 +265,8 @@ def primary_output(out: Any) -> torch.Tensor:
     first tensor value (``last_hidden_state`` or ``logits``), a tuple or list its first
     tensor.
     """
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v
-    raise TypeError(f"cannot find a floating-point output tensor in a {type(out).__name__}; "
-                    "pass output_weighting=fn with fn(model_output) -> Tensor")
+    return primary_tensor(out, hint="pass data=autorank.DataAware(output=fn) (the old output_weighting=fn) "
+                               "with fn(model_output) -> Tensor")
 
 
 def collect_output_moments(

@@ -62,6 +62,7 @@ a layer the output does not depend on (``G = 0``) gets ``S = I``.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -205,12 +206,34 @@ def grouped_low_rank_factors(
 # ---- the whitened (data-aware) truncation ------------------------------------------------------
 
 
-@torch.no_grad()
+# (S, S^{-1}) of every output moment tensor seen, by the tensor object: a layer's output moment is
+# used by its curves, its realisation and its refit, and its eigendecomposition is the costliest
+# step of each (an f x f eigh).  An entry goes away with its tensor.
+_ROOTS: dict[int, tuple[object, dict[float, tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+
 def output_roots(g: torch.Tensor, damping: float = OUTPUT_DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S, S^{-1})`` with ``S = (G + delta * mean(eig G) * I)^{1/2}`` symmetric, float64.
 
-    ``G = 0`` (the output does not depend on the layer) gives ``(I, I)``.
+    ``G = 0`` (the output does not depend on the layer) gives ``(I, I)``.  The result is
+    computed once per tensor ``g`` (and damping) and reused while ``g`` lives; the tensors
+    returned are shared, so callers must not modify them in place.
     """
+    entry = _ROOTS.get(id(g))
+    if entry is not None and entry[0]() is g and damping in entry[1]:
+        return entry[1][damping]
+    roots = _output_roots(g, damping)
+    if not g.requires_grad:  # a tensor in an autograd graph may change under us: no cache
+        if entry is None or entry[0]() is not g:
+            key = id(g)
+            entry = (weakref.ref(g, lambda _, key=key: _ROOTS.pop(key, None)), {})
+            _ROOTS[key] = entry
+        entry[1][damping] = roots
+    return roots
+
+
+@torch.no_grad()
+def _output_roots(g: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     if damping <= 0 or not math.isfinite(damping):
         raise ValueError(f"output damping must be a positive number, got {damping!r}")
     g = g.detach().to(torch.float64)
