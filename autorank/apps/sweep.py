@@ -28,7 +28,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..config import METRICS, Compression, CurveConfig, DataAware, SolverConfig
+from ..allocators import available_allocators
+from ..config import METRICS, Compression, CurveConfig, DataAware, SolverConfig, check_budget
 from ..finetune import Finetune
 from ..graph import analyze
 from ..latency import layer_latencies, measure_latency
@@ -80,8 +81,6 @@ class MethodSpec:
     data_aware: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from ..allocators import available_allocators
-
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"methods: name must be a non-empty string, got {self.name!r}")
         where = f"methods[{self.name!r}]"
@@ -180,8 +179,6 @@ class SweepConfig:
     calibration: int | None = None
 
     def __post_init__(self) -> None:
-        from ..config import check_budget
-
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty spec string, got {self.model!r}")
         if self.metric not in METRICS:
