@@ -157,3 +157,29 @@ def test_a_step_records_the_parts_it_ran():
     step = CompressStep(x, Settings("params"), calibration=_calibration(x))
     assert step.parts == {"output_weighting": True, "output_allocation": True, "sequential": True}
     assert CompressStep(x).parts == {p: False for p in PARTS}
+
+
+class TwoHeads(torch.nn.Module):
+    """``(main, aux)``: the primary output (the first tensor) does not depend on ``aux``, like BERT's pooler."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(16, 32)
+        self.main = torch.nn.Linear(32, 16)
+        self.aux = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.main(h), self.aux(h)
+
+
+def test_a_layer_the_output_does_not_depend_on_gets_gain_zero_without_probes(monkeypatch):
+    import autorank.allocators.alds as alds
+
+    monkeypatch.setattr(alds, "output_gains", lambda *a, **k: pytest.fail("probe evaluations ran"))
+    torch.manual_seed(0)
+    model, x = TwoHeads().eval(), torch.randn(8, 16)
+    result = autorank.optimize(model, 0.6, x, calibration=_calibration(x, n=4))
+    assert result.plan.config["allocator"] == "alds_output"
+    aux, main = result.plan.layers["aux"], result.plan.layers["main"]
+    assert aux.params <= main.params  # nothing at the output depends on aux: it is compressed at least as hard

@@ -59,13 +59,25 @@ def gauss_newton_gain(weight: torch.Tensor, moment: torch.Tensor, output_sum: to
 
 
 def gauss_newton_gains(ctx: AllocationContext) -> dict[str, float] | None:
-    """:func:`gauss_newton_gain` of every layer, or None when a layer lacks either moment."""
-    moments, outputs = ctx.moments or {}, ctx.outputs or {}
-    if not ctx.curves or any(n not in moments or n not in outputs for n in ctx.curves):
+    """:func:`gauss_newton_gain` of every layer, or None when the context cannot give them all.
+
+    A layer that has an input moment but no output moment, once the output moments were
+    collected, is one the measured output does not depend on (BERT's pooler under
+    ``last_hidden_state``): its gain is 0.  Embedding tables have no output moment
+    (:func:`autorank.calibration.collect_output_moments` skips them), so a context with one
+    gives None, as does a context without calibration moments.
+    """
+    moments, outputs = ctx.moments or {}, ctx.outputs
+    if not ctx.curves or outputs is None or any(n not in moments for n in ctx.curves):
+        return None
+    if any(lc.info.kind == "embedding" for lc in ctx.curves.values()):
         return None
     model = ctx.dense_model()
     gains = {}
     for name in ctx.curves:
+        if name not in outputs:
+            gains[name] = 0.0
+            continue
         module = model.get_submodule(name)
         gains[name] = gauss_newton_gain(get_layer_handler(module).weight_matrix(module), moments[name].matrix,
                                         outputs[name].sum)
