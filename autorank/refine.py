@@ -23,7 +23,8 @@ sampler seeded, trials run sequentially).
 
 The default metric is the output fidelity: the mean cosine similarity between
 the original and the compressed model's output vectors (the last axis of the
-first output tensor), over the positions an ``attention_mask`` keeps.
+primary output tensor: ``last_hidden_state`` or ``logits``), over the positions an
+``attention_mask`` keeps.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ An allocator is a plain function of an :class:`AllocationContext`::
 with ``ctx.fixed + sum(cost of the picked candidates) <= ctx.room + ctx.fixed``
 (i.e. ``<= budget * total``); when even the cheapest choice is over budget it
 raises :class:`autorank.solver.Infeasible`.  Register your own with
-:func:`register_allocator`; ``optimize(..., allocator=name)`` uses it, and
-``optimize(..., allocator=functools.partial(fn, option=...))`` passes options.
+:func:`register_allocator`; ``optimize(..., compression=Compression(allocator=name))`` uses it,
+and ``Compression(allocator=functools.partial(fn, option=...))`` passes options.
 """
 
 from __future__ import annotations
