@@ -92,8 +92,9 @@ def _optimize(args) -> None:
     from autorank.apps.models import load_model
 
     spec = load_model(args.model, args.checkpoint, args.input_shape)
+    compression = autorank.Compression(allocator=args.allocator, families=args.families)
     result = autorank.optimize(spec.model, args.budget, spec.example_inputs, metric=args.metric,
-                               allocator=args.allocator, families=args.families, progress=False)
+                               compression=compression, progress=False)
     out = result.save(args.out)
     print(result.summary())
     print(f"\nwrote {out / 'plan.json'} and {out / 'model.safetensors'}")
