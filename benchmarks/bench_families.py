@@ -34,7 +34,7 @@ from collections import Counter
 import torch
 
 import autorank
-from autorank.api import CompressStep, _compress
+from autorank.pipeline import CompressStep
 
 FAMILIES = ["alds", "spatial_svd", "tucker2", "cp", "tt", "sparse_lowrank"]
 
@@ -77,8 +77,8 @@ def main() -> None:
             best_single, all_err = None, None
             for fams in runs:
                 label = "all" if len(fams) > 1 else fams[0]
-                step = CompressStep(x, curves=autorank.CurveConfig(families=tuple(fams),
-                                                                   grid_points=args.grid_points))
+                curves = autorank.CurveConfig(families=tuple(fams), grid_points=args.grid_points)
+                step = CompressStep(x, autorank.Settings(compression=autorank.Compression(curves=curves)))
                 t = time.perf_counter()
                 work = copy.deepcopy(model)
                 if label not in prepared:
@@ -87,7 +87,7 @@ def main() -> None:
                 else:
                     prep_time = 0.0
                 try:
-                    res = _compress(work, budget, step, prepared=prepared[label])
+                    res = step(work, budget, prepared=prepared[label])
                 except ValueError as exc:
                     msg = str(exc)
                     print(f"{budget:>6.2f}  {label:<15} {'infeasible':<10} {'-':>8} {'-':>10} {'-':>7} {'-':>7}  "

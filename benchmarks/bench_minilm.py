@@ -28,10 +28,10 @@ they are), and the methods are:
   curves, whitened factors, the ``alds_output`` allocator (each layer's curve is
   scaled by its measured output gain, from two probe evaluations per layer of the
   embedding cosine on the held-out slice, and the exact solver minimises the summed
-  squared output errors), and ``sequential=True``: every factorised layer refitted,
+  squared output errors), and ``DataAware(sequential=True)``: every factorised layer refitted,
   in execution order, to the original layer's outputs on the compressed model's own
   inputs (:mod:`autorank.sequential`);
-* ``autorank-data``    -- the same with ``output_weighting=True``: every error and
+* ``autorank-data``    -- the same with ``DataAware(output_weighting=True)``: every error and
   factor weighted on the output side too, by the layer's output Gauss-Newton moment
   (two-sided whitening, :mod:`autorank.calibration`); ``autorank-data-1sided`` is its
   ablation;
@@ -147,13 +147,14 @@ def main() -> None:
     methods = ["uniform-svd", "alds-weights", "uniform-whitened", "autorank-data-1sided", "autorank-data-norefit",
                "autorank-data", "autorank-data+ft"]
     settings = {
-        "uniform-svd": dict(allocator="uniform"),
+        "uniform-svd": dict(compression=autorank.Compression(allocator="uniform")),
         "alds-weights": dict(),
-        "uniform-whitened": dict(allocator="uniform", calibration=calib),
-        "autorank-data-1sided": dict(calibration=calib, allocator="alds_output", evaluate=held_cosine,
-                                     sequential=True),
-        "autorank-data": dict(calibration=calib, allocator="alds_output", evaluate=held_cosine, sequential=True,
-                              output_weighting=True),
+        "uniform-whitened": dict(compression=autorank.Compression(allocator="uniform"), calibration=calib),
+        "autorank-data-1sided": dict(calibration=calib, compression=autorank.Compression(allocator="alds_output"),
+                                     evaluate=held_cosine, data=autorank.DataAware(sequential=True)),
+        "autorank-data": dict(calibration=calib, compression=autorank.Compression(allocator="alds_output"),
+                              evaluate=held_cosine,
+                              data=autorank.DataAware(sequential=True, output_weighting=True)),
     }
     if args.methods:
         unknown = set(args.methods) - set(methods)

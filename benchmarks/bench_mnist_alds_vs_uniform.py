@@ -39,7 +39,8 @@ def main() -> None:
             torch.manual_seed(0)
             t = time.perf_counter()
             res = autorank.optimize(
-                model, budget, train[:1][0], allocator=method, steps=args.steps, schedule="geometric",
+                model, budget, train[:1][0], compression=autorank.Compression(allocator=method), steps=args.steps,
+                retrain=autorank.Retrain(schedule="geometric"),
                 finetune=autorank.Finetune(train, epochs=args.epochs, lr=1e-3, distill=True, seed=0),
                 evaluate=lambda m: accuracy(m, test),
             )

@@ -75,7 +75,7 @@ def main() -> None:
         ks[k] = ks.get(k, 0) + 1
     print("layers per chosen k (0 = dense):", dict(sorted(ks.items())))
     ref_style = autorank.optimize(model, args.budget, x, metric=args.metric, progress=False,
-                                  curves=autorank.CurveConfig(error_bound="max"))
+                                  compression=autorank.Compression(curves=autorank.CurveConfig(error_bound="max")))
     print(f"with the reference's error (CurveConfig(error_bound='max')): largest layer error "
           f"{ref_style.plan.max_error:.4f}")
 

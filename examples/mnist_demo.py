@@ -51,7 +51,7 @@ def main() -> None:
         result = autorank.optimize(
             model, budget, example,
             finetune=autorank.Finetune(train, epochs=args.epochs, lr=1e-3, distill=True, seed=0),
-            steps=args.steps, schedule="geometric", mode="cascade",
+            steps=args.steps, retrain=autorank.Retrain(schedule="geometric", mode="cascade"),
             evaluate=lambda m: accuracy(m, test),
         )
         last = result.history[-1]

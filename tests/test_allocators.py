@@ -86,7 +86,7 @@ def test_meets_budget_on_realised_model(allocator, model_name, metric, tmp_path)
         alloc = functools.partial(alds_output_allocation, cache_path=tmp_path / "gains.json")
     used = []
     for budget in BUDGETS:
-        res = autorank.optimize(model, budget, x, metric=metric, allocator=alloc,
+        res = autorank.optimize(model, budget, x, metric=metric, compression=autorank.Compression(allocator=alloc),
                                 calibration=_calibration(allocator, x))
         totals = res.plan.totals
         assert totals[metric] <= budget * totals[f"{metric}_before"]
@@ -101,12 +101,13 @@ def test_infeasible_budget_names_smallest_reachable(allocator):
     model, x = build("mlp")
     cal = _calibration(allocator, x)
     with pytest.raises(ValueError, match="smallest reachable budget is") as err:
-        autorank.optimize(model, 0.02, x, allocator=allocator, calibration=cal)
+        autorank.optimize(model, 0.02, x, compression=autorank.Compression(allocator=allocator), calibration=cal)
     smallest = float(re.search(r"smallest reachable budget is ([0-9.]+)", str(err.value)).group(1))
     ctx = _context(model, x)
     rank1 = ctx.fixed + sum(float(lc.cost("params")[lc.find("alds", groups=1, rank=1)]) for lc in ctx.curves.values())
     assert smallest == pytest.approx(rank1 / ctx.total, abs=1e-4)
-    res = autorank.optimize(model, smallest + 1e-3, x, allocator=allocator, calibration=cal)
+    res = autorank.optimize(model, smallest + 1e-3, x, compression=autorank.Compression(allocator=allocator),
+                            calibration=cal)
     assert res.plan.totals["params"] <= (smallest + 1e-3) * ctx.total
 
 
@@ -270,7 +271,7 @@ def test_pca_without_calibration_raises():
     model, x = build("mlp")
     with pytest.raises(ValueError, match=re.escape(
             "allocator 'pca' needs calibration data: pass calibration=... to optimize")):
-        autorank.optimize(model, 0.5, x, allocator="pca")
+        autorank.optimize(model, 0.5, x, compression=autorank.Compression(allocator="pca"))
 
 
 def test_spectrum_with_moments_is_that_of_w_m_wt():
@@ -391,7 +392,7 @@ def test_sensitivity_disk_cache_round_trips_and_rejects_other_model(tmp_path, ca
 def test_bad_options_raise_clear_errors(allocator, error, match):
     model, x = build("mlp")
     with pytest.raises(error, match=match):
-        autorank.optimize(model, 0.5, x, allocator=allocator)
+        autorank.optimize(model, 0.5, x, compression=autorank.Compression(allocator=allocator))
 
 
 # ---- the shared bisection helpers ---------------------------------------------------------------
@@ -451,7 +452,7 @@ def test_alds_output_spends_the_budget_where_the_output_is_sensitive():
     ctx = _context(model, x, 0.5)
     gains = output_gains(ctx)
     assert gains["quiet"] < 0.05 * gains["loud"]
-    res = autorank.optimize(model, 0.5, x, allocator="alds_output")
+    res = autorank.optimize(model, 0.5, x, compression=autorank.Compression(allocator="alds_output"))
     ranks = {n: lp.hyper.get("rank", 24) for n, lp in res.plan.layers.items()}
     plain = autorank.optimize(model, 0.5, x)
     plain_ranks = {n: lp.hyper.get("rank", 24) for n, lp in plain.plan.layers.items()}

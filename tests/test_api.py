@@ -117,7 +117,7 @@ def test_load_errors(tmp_path):
 
 def test_exclude_keeps_layers_dense():
     model, x = build("mlp")
-    result = autorank.optimize(model, 0.6, x, exclude=["head"])
+    result = autorank.optimize(model, 0.6, x, compression=autorank.Compression(exclude=["head"]))
     assert "head" not in result.plan.layers and "excluded" in result.plan.skipped["head"]
     assert isinstance(result.model.head, torch.nn.Linear)
 
@@ -133,10 +133,11 @@ def test_inplace_modifies_the_callers_model():
 def test_sum_objective_and_reference_error():
     model, x = build("residual_cnn")
     for solver in ({"objective": "sum"}, {"objective": "sum", "method": "dp"}):
-        r = autorank.optimize(model, 0.4, x, solver=solver)
+        r = autorank.optimize(model, 0.4, x, compression=autorank.Compression(solver=solver))
         assert r.plan.totals["params"] <= 0.4 * r.plan.totals["params_before"]
         assert r.plan.objective == "sum"
-    ref = autorank.optimize(model, 0.4, x, curves=autorank.CurveConfig(error_bound="max"))
+    ref = autorank.optimize(model, 0.4, x,
+                            compression=autorank.Compression(curves=autorank.CurveConfig(error_bound="max")))
     assert all(lp.error == lp.error_lower for lp in ref.plan.layers.values())
 
 
@@ -157,14 +158,14 @@ BAD = [
     ({"budget": "abc"}, TypeError, "got 'abc'"),
     ({"budget": True}, TypeError, "got True"),
     ({"metric": "latency"}, ValueError, "metric must be one of"),
-    ({"curves": {"max_groups": 0}}, ValueError, "CurveConfig.max_groups must be >= 1, got 0"),
-    ({"curves": {"families": ["nope"]}}, ValueError, "unknown family 'nope'"),
-    ({"curves": {"error_bound": "exact"}}, ValueError, "error_bound must be one of"),
-    ({"curves": 5}, TypeError, "curves must be a CurveConfig"),
-    ({"solver": {"objective": "mean"}}, ValueError, "SolverConfig.objective"),
-    ({"solver": {"objective": "max", "method": "dp"}}, ValueError, "applies to objective='sum'"),
+    ({"compression": {"curves": {"max_groups": 0}}}, ValueError, "CurveConfig.max_groups must be >= 1, got 0"),
+    ({"compression": {"curves": {"families": ["nope"]}}}, ValueError, "unknown family 'nope'"),
+    ({"compression": {"curves": {"error_bound": "exact"}}}, ValueError, "error_bound must be one of"),
+    ({"compression": {"curves": 5}}, TypeError, "curves must be a CurveConfig"),
+    ({"compression": {"solver": {"objective": "mean"}}}, ValueError, "SolverConfig.objective"),
+    ({"compression": {"solver": {"objective": "max", "method": "dp"}}}, ValueError, "applies to objective='sum'"),
     ({"inplace": "yes"}, TypeError, "inplace must be a bool"),
-    ({"exclude": 3}, TypeError, "exclude must be"),
+    ({"compression": {"exclude": 3}}, TypeError, "exclude must be"),
     ({"example_inputs": torch.randn(2, 31)}, RuntimeError, "forward pass of MLP"),
     ({"example_inputs": None}, ValueError, "example_inputs is required"),
 ]
@@ -197,14 +198,14 @@ def test_not_a_model():
 @pytest.mark.parametrize("allocator", ["alds", "uniform"])
 def test_allocators_meet_budget(allocator, budget):
     model, x = build("residual_cnn")
-    r = autorank.optimize(model, budget, x, allocator=allocator)
+    r = autorank.optimize(model, budget, x, compression=autorank.Compression(allocator=allocator))
     assert r.plan.totals["params"] <= budget * r.plan.totals["params_before"]
     assert r.plan.config["allocator"] == allocator
 
 
 def test_uniform_keeps_the_same_rank_fraction():
     model, x = build("mlp")
-    r = autorank.optimize(model, 0.5, x, allocator="uniform")
+    r = autorank.optimize(model, 0.5, x, compression=autorank.Compression(allocator="uniform"))
     fractions = {n: lp.hyper["rank"] / min(lp.shape[0], lp.shape[1]) for n, lp in r.plan.layers.items()
                  if lp.compressed}
     assert fractions and all(lp.hyper["groups"] == 1 for lp in r.plan.layers.values() if lp.compressed)
@@ -215,14 +216,14 @@ def test_uniform_keeps_the_same_rank_fraction():
 def test_alds_is_no_worse_than_uniform_on_its_objective():
     model, x = build("residual_cnn")
     a = autorank.optimize(model, 0.4, x)
-    u = autorank.optimize(model, 0.4, x, allocator="uniform")
+    u = autorank.optimize(model, 0.4, x, compression=autorank.Compression(allocator="uniform"))
     assert a.plan.max_error <= u.plan.max_error + 1e-12
 
 
 def test_unknown_allocator():
     model, x = build("mlp")
     with pytest.raises(ValueError, match="unknown allocator 'greedy'"):
-        autorank.optimize(model, 0.5, x, allocator="greedy")
+        autorank.optimize(model, 0.5, x, compression=autorank.Compression(allocator="greedy"))
     assert set(autorank.available_allocators()) >= {"alds", "uniform"}
 
 

@@ -413,7 +413,8 @@ def test_optimize_meets_the_budget(families, calibrated):
     before = autorank.count_params(model)
     curves = CurveConfig(grid_points=8, options=OPTIONS)
     calibration = [torch.randn(4, 3, 8, 8)] if calibrated else None
-    result = autorank.optimize(model, budget=0.5, example_inputs=x, families=families, curves=curves,
+    result = autorank.optimize(model, budget=0.5, example_inputs=x,
+                               compression=autorank.Compression(families=families, curves=curves),
                                calibration=calibration)
     assert result.plan.totals["params"] <= 0.5 * before
     assert autorank.count_params(result.model) == result.plan.totals["params"]
@@ -430,7 +431,8 @@ def test_save_load_round_trip(family, tmp_path):
     torch.manual_seed(0)
     model, x = TinyCNN().eval(), torch.randn(2, 3, 8, 8)
     curves = CurveConfig(grid_points=6, options=OPTIONS)
-    result = autorank.optimize(model, budget=0.6, example_inputs=x, families=[family], curves=curves)
+    result = autorank.optimize(model, budget=0.6, example_inputs=x,
+                               compression=autorank.Compression(families=[family], curves=curves))
     autorank.save(result.model, result.plan, tmp_path / "saved")
     loaded = autorank.load(tmp_path / "saved", TinyCNN())
     assert {type(m) for m in loaded.modules()} == {type(m) for m in result.model.modules()}

@@ -334,7 +334,8 @@ def test_alrf_default_pool(n, pool):
 
 def test_alrf_densify_at_init_is_exact():
     model, x = TinyMLP(), torch.randn(4, 16)
-    res = autorank.optimize(model, 0.9, x, families=["alrf"], curves={"grid_points": 6})
+    res = autorank.optimize(model, 0.9, x,
+                            compression=autorank.Compression(families=["alrf"], curves={"grid_points": 6}))
     assert any(isinstance(m, alrf.ALRFLinear) for m in res.model.modules())
     with torch.no_grad():
         before = res.model(x)
@@ -418,7 +419,8 @@ class TinyMLP(nn.Module):
 @pytest.mark.parametrize("family", ["tt", "sparse_lowrank"])
 def test_optimize_meets_the_budget(family):
     model, x = TinyMLP(), torch.randn(4, 16)
-    res = autorank.optimize(model, 0.5, x, families=[family], curves={"grid_points": 6})
+    res = autorank.optimize(model, 0.5, x,
+                            compression=autorank.Compression(families=[family], curves={"grid_points": 6}))
     used = {lp.family for lp in res.plan.layers.values() if lp.compressed}
     assert used == {family}
     assert res.plan.totals["params"] <= 0.5 * res.plan.totals["params_before"]
@@ -434,7 +436,8 @@ def test_optimize_meets_the_budget(family):
 
 def test_alrf_is_a_candidate_beside_alds():
     model, x = TinyMLP(), torch.randn(4, 16)
-    res = autorank.optimize(model, 0.5, x, families=["alds", "alrf"], curves={"grid_points": 6})
+    res = autorank.optimize(model, 0.5, x,
+                            compression=autorank.Compression(families=["alds", "alrf"], curves={"grid_points": 6}))
     assert res.plan.totals["params"] <= 0.5 * res.plan.totals["params_before"]
     for lc in res.curves.values():
         assert "alrf" in lc.families
@@ -447,7 +450,8 @@ def test_alrf_is_a_candidate_beside_alds():
 @pytest.mark.parametrize("family", ["tt", "sparse_lowrank"])
 def test_save_and_load_round_trip(family, tmp_path):
     model, x = TinyMLP(), torch.randn(4, 16)
-    res = autorank.optimize(model, 0.5, x, families=[family], curves={"grid_points": 4})
+    res = autorank.optimize(model, 0.5, x,
+                            compression=autorank.Compression(families=[family], curves={"grid_points": 4}))
     res.save(tmp_path / "m")
     loaded = autorank.load(tmp_path / "m", TinyMLP())
     with torch.no_grad():

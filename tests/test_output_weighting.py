@@ -1,4 +1,4 @@
-"""Output weighting: the output moment G, its damped root, the two-sided truncation and optimize(output_weighting=)."""
+"""Output weighting: the output moment G, its damped root, the two-sided truncation and DataAware(output_weighting=)."""
 
 from __future__ import annotations
 
@@ -209,14 +209,14 @@ def test_output_weighting_with_a_family_that_does_not_fit_outputs():
     assert output_kwargs(get_family("alds"), None) == {}
     model = _uneven_model()
     x = torch.randn(128, 16)
-    res = autorank.optimize(model, 0.6, x[:4], calibration=[x], output_weighting=True,
-                            families=["sparse_lowrank"], progress=False)
+    res = autorank.optimize(model, 0.6, x[:4], calibration=[x], data=autorank.DataAware(output_weighting=True),
+                            compression=autorank.Compression(families=["sparse_lowrank"]), progress=False)
     assert res.plan.config["output_weighting"] is True
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(output_weighting="yes", calibration=[torch.randn(4, 16)]), TypeError, "output_weighting must be"),
-    (dict(output_weighting=True), ValueError, "pass calibration"),
+    (dict(data={"output_weighting": "yes"}, calibration=[torch.randn(4, 16)]), TypeError, "output_weighting must be"),
+    (dict(data={"output_weighting": True}), ValueError, "pass calibration"),
 ])
 def test_output_weighting_argument_errors(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -164,7 +164,7 @@ def test_refine_trials_are_built_with_the_sequential_refit():
 # ---- sweeps run the same pipeline -------------------------------------------------------------------
 
 def test_a_sweep_row_is_the_pipeline_result_with_calibration(tmp_path):
-    from autorank.sweep import ModelSpec, SweepConfig, run_sweep
+    from autorank.apps.sweep import ModelSpec, SweepConfig, run_sweep
 
     model, x = build("mlp")
     cfg = SweepConfig.from_dict({"model": "mlp", "budgets": [0.5], "methods": [{"name": "alds"}],
@@ -177,7 +177,7 @@ def test_a_sweep_row_is_the_pipeline_result_with_calibration(tmp_path):
 
 
 def test_sweep_calibration_needs_training_data():
-    from autorank.sweep import SweepConfig
+    from autorank.apps.sweep import SweepConfig
 
     with pytest.raises(ValueError, match="calibration takes its samples from the training data"):
         SweepConfig.from_dict({"model": "mlp", "budgets": [0.5], "methods": [{"name": "a"}], "calibration": 64})

@@ -59,7 +59,8 @@ class Recorder:
 def test_callback_gets_compressed_model_and_step(mode):
     model, x, _, acc = toy_problem()
     rec = Recorder()
-    res = autorank.optimize(model, 0.3, x, finetune=rec, steps=3, schedule="linear", mode=mode, evaluate=acc)
+    res = autorank.optimize(model, 0.3, x, finetune=rec, steps=3, evaluate=acc,
+                            retrain=autorank.Retrain(schedule="linear", mode=mode))
     total = autorank.count_params(model)
     assert [c[0] for c in rec.calls] == [1, 2, 3]
     for (step, params, types), budget in zip(rec.calls, linear(0.3, 3)):
@@ -82,7 +83,8 @@ def test_cascade_refactorises_and_one_shot_starts_from_original():
                 p.mul_(1.5)
 
     for mode in ("cascade", "one-shot"):
-        res = autorank.optimize(model, 0.5, x, finetune=bump, steps=2, schedule=[0.8, 0.5], mode=mode)
+        res = autorank.optimize(model, 0.5, x, finetune=bump, steps=2,
+                                retrain=autorank.Retrain(schedule=[0.8, 0.5], mode=mode))
         seen[mode] = res
     # one-shot: step 2 starts from the original, so the final model equals compress(original, 0.5) then bump
     direct = autorank.optimize(model, 0.5, x).model
@@ -104,8 +106,8 @@ def test_builtin_finetune_improves_compressed_accuracy():
 
 def test_min_metric_stops_and_keeps_best():
     model, x, _, acc = toy_problem()
-    res = autorank.optimize(model, 0.08, x, steps=3, schedule=[0.9, 0.3, 0.08], evaluate=acc,
-                            min_metric=acc(model) - 0.02)
+    res = autorank.optimize(model, 0.08, x, steps=3, evaluate=acc,
+                            retrain=autorank.Retrain(schedule=[0.9, 0.3, 0.08], min_metric=acc(model) - 0.02))
     # compress-only at 0.08 of the parameters on this toy net cannot keep the accuracy
     assert len(res.history) < 4 or res.history[-1]["metric"] < acc(model) - 0.02
     assert res.plan.budget in (0.9, 0.3)
@@ -114,7 +116,8 @@ def test_min_metric_stops_and_keeps_best():
 def test_checkpoint_resume_is_exact(tmp_path):
     model, x, batches, acc = toy_problem()
     ft = autorank.Finetune(batches, epochs=2, lr=1e-3, seed=3)
-    straight = autorank.optimize(model, 0.3, x, finetune=ft, steps=3, checkpoint=tmp_path / "a")
+    straight = autorank.optimize(model, 0.3, x, finetune=ft, steps=3,
+                                 retrain=autorank.Retrain(checkpoint=tmp_path / "a"))
 
     calls = []
 
@@ -125,15 +128,18 @@ def test_checkpoint_resume_is_exact(tmp_path):
         ft(m, step)
 
     with pytest.raises(KeyboardInterrupt):
-        autorank.optimize(model, 0.3, x, finetune=crash_at_3, steps=3, checkpoint=tmp_path / "b")
+        autorank.optimize(model, 0.3, x, finetune=crash_at_3, steps=3,
+                          retrain=autorank.Retrain(checkpoint=tmp_path / "b"))
     state = json.loads((tmp_path / "b" / "schedule.json").read_text())
     assert state["done"] == 2 and calls == [1, 2, 3]
-    resumed = autorank.optimize(model, 0.3, x, finetune=ft, steps=3, checkpoint=tmp_path / "b")
+    resumed = autorank.optimize(model, 0.3, x, finetune=ft, steps=3,
+                                retrain=autorank.Retrain(checkpoint=tmp_path / "b"))
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["step"] for h in resumed.history] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="different schedule"):
-        autorank.optimize(model, 0.3, x, finetune=ft, steps=2, checkpoint=tmp_path / "b")
+        autorank.optimize(model, 0.3, x, finetune=ft, steps=2,
+                          retrain=autorank.Retrain(checkpoint=tmp_path / "b"))
 
 
 @pytest.mark.parametrize("kwargs,exc,msg", [
@@ -141,12 +147,12 @@ def test_checkpoint_resume_is_exact(tmp_path):
     ({"finetune": 3}, TypeError, "got int"),
     ({"steps": 0}, ValueError, "steps must be >= 1, got 0"),
     ({"steps": 2.5}, TypeError, "steps must be an int"),
-    ({"schedule": "cubic"}, ValueError, "schedule must be one of"),
-    ({"schedule": [0.5, 0.7]}, ValueError, "must decrease strictly"),
-    ({"schedule": [0.8, 0.4]}, ValueError, "last budget must be the target 0.5"),
-    ({"mode": "greedy"}, ValueError, "mode must be one of"),
+    ({"retrain": {"schedule": "cubic"}}, ValueError, "schedule must be one of"),
+    ({"retrain": {"schedule": [0.5, 0.7]}}, ValueError, "must decrease strictly"),
+    ({"retrain": {"schedule": [0.8, 0.4]}}, ValueError, "last budget must be the target 0.5"),
+    ({"retrain": {"mode": "greedy"}}, ValueError, "mode must be one of"),
     ({"evaluate": 1.0}, TypeError, "evaluate must be a callable"),
-    ({"min_metric": 0.5}, ValueError, "min_metric needs evaluate"),
+    ({"retrain": {"min_metric": 0.5}}, ValueError, "min_metric needs evaluate"),
     ({"finetune": lambda m, s: None, "inplace": True}, ValueError, "inplace=True applies to single-step"),
 ], ids=lambda v: str(v)[:30] if isinstance(v, dict) else None)
 def test_bad_schedule_arguments(kwargs, exc, msg):

@@ -1,4 +1,4 @@
-"""Sequential refit (autorank.sequential): per-layer optimality, stages, and the optimize(sequential=True) path."""
+"""Sequential refit (autorank.sequential): per-layer optimality, stages, and the optimize(data=DataAware(sequential=True)) path."""
 
 from __future__ import annotations
 
@@ -248,7 +248,8 @@ def test_sequential_leaves_the_callers_model_and_training_mode_alone():
     model, batches = _mlp(), _calib(3)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = autorank.optimize(model, 0.4, batches[0], calibration=batches, sequential=True)
+    res = autorank.optimize(model, 0.4, batches[0], calibration=batches,
+                            data=autorank.DataAware(sequential=True))
     assert model.training and res.model.training
     assert all(m.training for m in res.model.modules())
     for k, v in model.state_dict().items():
@@ -256,8 +257,8 @@ def test_sequential_leaves_the_callers_model_and_training_mode_alone():
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(sequential=True), ValueError, "calibration"),
-    (dict(sequential=1, calibration=[torch.randn(4, 16)]), TypeError, "sequential must be a bool"),
+    (dict(data={"sequential": True}), ValueError, "calibration"),
+    (dict(data={"sequential": 1}, calibration=[torch.randn(4, 16)]), TypeError, "sequential must be a bool"),
 ])
 def test_sequential_argument_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -204,7 +204,7 @@ def test_embeddings_true_factorises_bert_word_embeddings_and_keeps_padding_idx()
     model = tiny_bert()
     inputs = token_batch("bert", 3, 10, seed=0)
     assert model.embeddings.word_embeddings.padding_idx == 0
-    result = autorank.optimize(model, 0.6, inputs, embeddings=True, progress=False)
+    result = autorank.optimize(model, 0.6, inputs, compression=autorank.Compression(embeddings=True), progress=False)
     word = result.model.embeddings.word_embeddings
     assert isinstance(word, LowRankEmbedding) and result.plan.layers["embeddings.word_embeddings"].compressed
     assert word.padding_idx == 0 and word.table.padding_idx == 0
@@ -544,8 +544,9 @@ def test_minilm_compressed_with_calibration_keeps_sentence_embeddings(monkeypatc
     figures, models = {}, {}
     for name, batches, weighted in (("calibration", calibration, False), ("output-weighted", calibration, True),
                                     ("weight-only", None, False)):
-        result = autorank.optimize(model, budget, calibration[0], exclude=exclude, calibration=batches,
-                                   output_weighting=weighted, progress=False)
+        result = autorank.optimize(model, budget, calibration[0], compression=autorank.Compression(exclude=exclude),
+                                   calibration=batches, data=autorank.DataAware(output_weighting=weighted),
+                                   progress=False)
         kept = sum(lp.params if lp.compressed else lp.dense_params for lp in result.plan.layers.values())
         assert kept <= LINEAR_KEPT * linear * 1.0001
         assert autorank.count_params(result.model) <= budget * graph.total_params
