@@ -220,13 +220,12 @@ class CompressStep:
             t = time.perf_counter()
             moments = collect_moments(work, graph.layers, self.calibration, self.progress)
             timings["calibration"] = time.perf_counter() - t
-            weighting = self.parts["output_weighting"]
-            if weighting or self.settings.allocator(True) == "alds_output":
+            if self.parts["output_weighting"]:
                 t = time.perf_counter()
                 outputs = collect_output_moments(work, graph.layers, self.calibration, self.settings.data.output,
                                                  self.progress)
                 for name, out in outputs.items():
-                    if weighting and name in moments:
+                    if name in moments:
                         moments[name].output = out
                 timings["output_moments"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -24,6 +24,11 @@ they are), and the methods are:
 * ``uniform-svd``      -- the same rank fraction in every layer, plain SVD;
 * ``alds-weights``     -- autorank's ALDS allocation on weight-only error curves;
 * ``uniform-whitened`` -- the same rank fraction in every layer, activation-whitened SVD;
+* ``autorank-plain``   -- ``calibration=`` with every part of the data-aware recipe off
+  (``DataAware(output_weighting=False, output_allocation=False, sequential=False)``): the
+  plain data-aware call as it was before issue #19, timed in the same run as
+* ``autorank-default`` -- ``optimize(model, budget, x, calibration=batches)`` and nothing else:
+  the default recipe (docs/data_aware.md, "The default recipe");
 * ``autorank-data-1sided`` -- autorank with ``calibration=``: exact data-aware error
   curves, whitened factors, the ``alds_output`` allocator (each layer's curve is
   scaled by its measured output gain, from two probe evaluations per layer of the
@@ -144,14 +149,20 @@ def main() -> None:
           f"{len(texts)} paragraphs -> {len(calib_texts)} calibration + {len(held_texts)} held-out / "
           f"{len(eval_texts)} evaluation; fine-tune text: {len(ft_texts)} paragraphs")
 
-    methods = ["uniform-svd", "alds-weights", "uniform-whitened", "autorank-data-1sided", "autorank-data-norefit",
-               "autorank-data", "autorank-data+ft"]
+    methods = ["uniform-svd", "alds-weights", "uniform-whitened", "autorank-plain", "autorank-default",
+               "autorank-data-1sided", "autorank-data-norefit", "autorank-data", "autorank-data+ft"]
+    input_only = autorank.DataAware(output_weighting=False, output_allocation=False, sequential=False)
     settings = {
         "uniform-svd": dict(compression=autorank.Compression(allocator="uniform")),
         "alds-weights": dict(),
-        "uniform-whitened": dict(compression=autorank.Compression(allocator="uniform"), calibration=calib),
+        "uniform-whitened": dict(compression=autorank.Compression(allocator="uniform"), calibration=calib,
+                                 data=input_only),
+        # the plain data-aware call before issue #19 and the default call since, timed in the same run
+        "autorank-plain": dict(calibration=calib, data=input_only),
+        "autorank-default": dict(calibration=calib),
         "autorank-data-1sided": dict(calibration=calib, compression=autorank.Compression(allocator="alds_output"),
-                                     evaluate=held_cosine, data=autorank.DataAware(sequential=True)),
+                                     evaluate=held_cosine, data=autorank.DataAware(sequential=True,
+                                                                                 output_weighting=False)),
         "autorank-data": dict(calibration=calib, compression=autorank.Compression(allocator="alds_output"),
                               evaluate=held_cosine,
                               data=autorank.DataAware(sequential=True, output_weighting=True)),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import autorank
-from autorank.allocators.alds import gauss_newton_gain
+from autorank.allocators.alds import alds_output_allocation, gauss_newton_gain
 from autorank.linalg import output_roots
 from autorank.pipeline import CompressStep, Settings
 from tiny_models import build
@@ -45,8 +47,8 @@ def test_each_switch_turns_its_part_off_and_only_that_part(part):
     expected = {p: p != part for p in PARTS}
     assert _recorded(result) == {**expected, "data_aware": True}
     assert ("refit" in result.timings) is expected["sequential"]
-    # the output moments are collected for the output weighting or the output allocation
-    assert ("output_moments" in result.timings) is (expected["output_weighting"] or expected["output_allocation"])
+    # the output moments are collected for the output weighting
+    assert ("output_moments" in result.timings) is expected["output_weighting"]
 
 
 def test_an_explicit_allocator_is_kept_and_the_output_allocation_does_not_replace_it():
@@ -99,18 +101,23 @@ def test_gauss_newton_gain_is_the_expected_output_error_of_a_layer_error():
     assert zero == 0.0
 
 
-def test_alds_output_uses_gauss_newton_gains_without_evaluating_the_model(monkeypatch):
+GAUSS_NEWTON = autorank.Compression(allocator=functools.partial(alds_output_allocation, gains="gauss_newton"))
+
+
+def test_alds_output_measures_its_gains_by_default_and_gauss_newton_needs_no_evaluation(monkeypatch):
     import autorank.allocators.alds as alds
 
-    def no_probes(*args, **kwargs):
-        raise AssertionError("the default recipe must not run probe evaluations")
-
-    monkeypatch.setattr(alds, "output_gains", no_probes)
+    calls = []
+    real = alds.output_gains
+    monkeypatch.setattr(alds, "output_gains", lambda *a, **k: calls.append(1) or real(*a, **k))
     model, x = build("mlp")
     result = autorank.optimize(model, 0.5, x, calibration=_calibration(x))
-    assert result.plan.config["allocator"] == "alds_output"
-    with pytest.raises(AssertionError, match="probe"):  # a user's evaluate takes precedence: the probes run
-        autorank.optimize(model, 0.5, x, calibration=_calibration(x), evaluate=lambda m: 1.0)
+    assert result.plan.config["allocator"] == "alds_output" and calls == [1]
+    autorank.optimize(model, 0.5, x, calibration=_calibration(x), compression=GAUSS_NEWTON)
+    assert calls == [1]  # the Gauss-Newton gains come from the moments: no probe evaluation
+    with pytest.raises(ValueError, match="gains='gauss_newton' needs the input and output moments"):
+        autorank.optimize(model, 0.5, x, calibration=_calibration(x), compression=GAUSS_NEWTON,
+                          data=autorank.DataAware(output_weighting=False))
 
 
 def test_output_roots_are_computed_once_per_moment(monkeypatch):
@@ -179,7 +186,7 @@ def test_a_layer_the_output_does_not_depend_on_gets_gain_zero_without_probes(mon
     monkeypatch.setattr(alds, "output_gains", lambda *a, **k: pytest.fail("probe evaluations ran"))
     torch.manual_seed(0)
     model, x = TwoHeads().eval(), torch.randn(8, 16)
-    result = autorank.optimize(model, 0.6, x, calibration=_calibration(x, n=4))
-    assert result.plan.config["allocator"] == "alds_output"
+    result = autorank.optimize(model, 0.6, x, calibration=_calibration(x, n=4), compression=GAUSS_NEWTON)
+    assert result.plan.config["allocator"] == "alds_output_allocation"
     aux, main = result.plan.layers["aux"], result.plan.layers["main"]
     assert aux.params <= main.params  # nothing at the output depends on aux: it is compressed at least as hard
