@@ -28,20 +28,14 @@ __all__ = ["optimize", "allocate", "solve_curves", "make_plan", "fixed_cost", "m
 
 log = logging.getLogger(__name__)
 
-#: the keyword arguments of optimize before the settings were grouped: {old name: (group, field)}
+#: the keyword arguments of optimize before the settings were grouped: {old name: (group, field)};
+#: every old keyword is the field of the same name in its group
 LEGACY_KEYWORDS: dict[str, tuple[str, str]] = {
-    "exclude": ("compression", "exclude"),
-    "curves": ("compression", "curves"),
-    "solver": ("compression", "solver"),
-    "allocator": ("compression", "allocator"),
-    "families": ("compression", "families"),
-    "embeddings": ("compression", "embeddings"),
-    "sequential": ("data", "sequential"),
-    "output_weighting": ("data", "output_weighting"),
-    "schedule": ("retrain", "schedule"),
-    "mode": ("retrain", "mode"),
-    "min_metric": ("retrain", "min_metric"),
-    "checkpoint": ("retrain", "checkpoint"),
+    old: (group, old)
+    for group, olds in (("compression", ("exclude", "curves", "solver", "allocator", "families", "embeddings")),
+                        ("data", ("sequential", "output_weighting")),
+                        ("retrain", ("schedule", "mode", "min_metric", "checkpoint")))
+    for old in olds
 }
 _GROUPS = {"compression": Compression, "data": DataAware, "retrain": Retrain}
 
