@@ -82,10 +82,10 @@ class Moments:
         realisation and the refit."""
         if self.output is None:
             return None
-        key = (id(self.output), self.output.count)
-        if self._g is None or self._g[0] != key:
-            self._g = (key, self.output.matrix)
-        return self._g[1]
+        key = (self.output.count, self.output.sum._version)
+        if self._g is None or self._g[0] is not self.output or self._g[1] != key:
+            self._g = (self.output, key, self.output.matrix)
+        return self._g[2]
 
     @property
     def matrix(self) -> torch.Tensor:

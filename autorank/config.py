@@ -170,6 +170,9 @@ def _from_dict(cls: type, data: Any, nested: dict[str, type] | None = None) -> A
     unknown = sorted(set(data) - known - {"version"})
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(known)}")
+    version = data.get("version", 1)
+    if version != 1:
+        raise ValueError(f"{cls.__name__}: version {version!r} is not one this autorank reads (1)")
     kw = {k: v for k, v in data.items() if k != "version"}
     for key, sub in (nested or {}).items():
         if isinstance(kw.get(key), dict):
@@ -218,7 +221,7 @@ class Compression:
     exclude: tuple[str, ...] = ()
     embeddings: bool = False
     families: InitVar[Any] = None
-    version: int = 1
+    version: int = field(default=1, init=False)
 
     def __post_init__(self, families: Any) -> None:
         object.__setattr__(self, "curves", as_config(self.curves, CurveConfig, "Compression.curves"))
@@ -277,7 +280,7 @@ class DataAware:
     output_allocation: bool | None = None
     sequential: bool | None = None
     output: Any = None
-    version: int = 1
+    version: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
         for name in DATA_PARTS:
@@ -335,7 +338,7 @@ class Retrain:
     mode: str = "cascade"
     min_metric: float | None = None
     checkpoint: Any = None
-    version: int = 1
+    version: int = field(default=1, init=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.schedule, str):
@@ -360,6 +363,8 @@ class Retrain:
             object.__setattr__(self, "min_metric", float(m))
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
             raise TypeError(f"checkpoint must be a directory path, got {type(self.checkpoint).__name__}")
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", os.fspath(self.checkpoint))
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version,

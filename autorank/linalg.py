@@ -209,26 +209,28 @@ def grouped_low_rank_factors(
 # (S, S^{-1}) of every output moment tensor seen, by the tensor object: a layer's output moment is
 # used by its curves, its realisation and its refit, and its eigendecomposition is the costliest
 # step of each (an f x f eigh).  An entry goes away with its tensor.
-_ROOTS: dict[int, tuple[object, dict[float, tuple[torch.Tensor, torch.Tensor]]]] = {}
+_ROOTS: dict[int, tuple[object, int, dict[float, tuple[torch.Tensor, torch.Tensor]]]] = {}
 
 
 def output_roots(g: torch.Tensor, damping: float = OUTPUT_DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S, S^{-1})`` with ``S = (G + delta * mean(eig G) * I)^{1/2}`` symmetric, float64.
 
     ``G = 0`` (the output does not depend on the layer) gives ``(I, I)``.  The result is
-    computed once per tensor ``g`` (and damping) and reused while ``g`` lives; the tensors
-    returned are shared, so callers must not modify them in place.
+    computed once per tensor ``g`` (and damping) and reused while ``g`` lives unmodified (an
+    in-place change bumps the tensor's version and the roots are computed afresh); the
+    tensors returned are shared, so callers must not modify them in place.
     """
     entry = _ROOTS.get(id(g))
-    if entry is not None and entry[0]() is g and damping in entry[1]:
-        return entry[1][damping]
+    fresh = entry is not None and entry[0]() is g and entry[1] == g._version
+    if fresh and damping in entry[2]:
+        return entry[2][damping]
     roots = _output_roots(g, damping)
     if not g.requires_grad:  # a tensor in an autograd graph may change under us: no cache
-        if entry is None or entry[0]() is not g:
+        if not fresh:
             key = id(g)
-            entry = (weakref.ref(g, lambda _, key=key: _ROOTS.pop(key, None)), {})
+            entry = (weakref.ref(g, lambda _, key=key: _ROOTS.pop(key, None)), g._version, {})
             _ROOTS[key] = entry
-        entry[1][damping] = roots
+        entry[2][damping] = roots
     return roots
 
 

@@ -127,6 +127,9 @@ class Settings:
         chosen = self.compression.allocator
         if chosen == "alds" and self.parts(calibrated)["output_allocation"]:
             return "alds_output"
+        if self.data.output_allocation is True and chosen not in ("alds", "alds_output"):
+            raise ValueError(f"DataAware.output_allocation=True replaces the allocator 'alds' by 'alds_output'; "
+                             f"it cannot apply to Compression.allocator={self.compression.allocator_name!r}")
         return chosen
 
     def record(self, calibrated: bool, solver: SolverConfig | None = None) -> dict[str, Any]:

@@ -190,3 +190,27 @@ def test_a_layer_the_output_does_not_depend_on_gets_gain_zero_without_probes(mon
     assert result.plan.config["allocator"] == "alds_output_allocation"
     aux, main = result.plan.layers["aux"], result.plan.layers["main"]
     assert aux.params <= main.params  # nothing at the output depends on aux: it is compressed at least as hard
+
+
+def test_output_roots_are_recomputed_after_an_in_place_change():
+    g = torch.eye(3, dtype=torch.float64)
+    before = output_roots(g)[0].clone()
+    g.mul_(4)
+    after = output_roots(g)[0]
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after @ after, g + 0.1 * 4 * torch.eye(3, dtype=torch.float64))
+
+
+def test_output_allocation_true_with_another_allocator_is_an_error_naming_it():
+    model, x = build("mlp")
+    with pytest.raises(ValueError, match="Compression.allocator='uniform'"):
+        autorank.optimize(model, 0.5, x, calibration=_calibration(x), compression=autorank.Compression(allocator="uniform"),
+                          data=autorank.DataAware(output_allocation=True))
+
+
+def test_a_sweep_method_demanding_a_part_needs_calibration():
+    from autorank.apps.sweep import SweepConfig
+
+    with pytest.raises(ValueError, match=r"methods\['a'\].data_aware: DataAware.sequential=True uses calibration"):
+        SweepConfig.from_dict({"model": "mlp", "budgets": [0.5],
+                               "methods": [{"name": "a", "data_aware": {"sequential": True}}]})

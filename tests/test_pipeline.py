@@ -250,3 +250,16 @@ def test_a_stored_version_1_result_loads_bit_identically(name):
     io = load_file(str(folder / "io.safetensors"))
     with torch.no_grad():
         assert torch.equal(loaded(io["x"]), io["y"])
+
+
+@pytest.mark.parametrize("cls", [Compression, DataAware, Retrain])
+def test_a_config_of_another_version_is_refused(cls):
+    with pytest.raises(ValueError, match="version 99 is not one this autorank reads"):
+        cls.from_dict({"version": 99})
+    with pytest.raises(TypeError):
+        cls(version=7)
+
+
+def test_a_path_checkpoint_round_trips():
+    r = Retrain(checkpoint=Path("ckpt") / "run")
+    assert Retrain.from_dict(json.loads(json.dumps(r.to_dict()))) == r

@@ -2,9 +2,9 @@ r"""ALDS allocators: the exact global step over every candidate of every enabled
 
 * ``"alds"`` (default): :func:`autorank.allocators.solve_curves` on the curves as they are.
 * ``"alds_output"``: the same step on output-weighted errors ``(g_l eps_l)^power``, with
-  ``g_l`` each layer's output gain: from the Gauss-Newton output moments when the
-  context has them (:func:`gauss_newton_gain`, no extra pass), else measured by probe
-  evaluations (:func:`autorank.allocators.output_gains`).
+  ``g_l`` each layer's output gain, measured by probe evaluations
+  (:func:`autorank.allocators.output_gains`), or with ``gains="gauss_newton"`` taken from
+  the Gauss-Newton output moments (:func:`gauss_newton_gain`, no extra pass).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def alds_output_allocation(
         found = gauss_newton_gains(ctx)
         if found is None:
             raise ValueError("alds_output: gains='gauss_newton' needs the input and output moments of every layer: "
-                             "pass calibration=... (the output moments are collected with it)")
+                             "pass calibration=... with the output weighting on (the output moments are collected for it)")
     measured = found if found is not None else output_gains(ctx, probes, cache_path)
     scaled = {n: replace(lc, error=output_weighted_error(lc.error, measured[n], power))
               for n, lc in ctx.curves.items()}

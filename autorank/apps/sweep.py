@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from ..allocators import available_allocators
-from ..config import METRICS, Compression, CurveConfig, DataAware, SolverConfig, check_budget
+from ..config import METRICS, Compression, CurveConfig, DataAware, SolverConfig, check_budget, resolve_data_parts
 from ..finetune import Finetune
 from ..graph import analyze
 from ..latency import layer_latencies, measure_latency
@@ -217,6 +217,11 @@ class SweepConfig:
                 raise ValueError(f"calibration must be a number of samples >= 1, got {c!r}")
             if self.data is None:
                 raise ValueError("calibration takes its samples from the training data: set data = \"mnist\"")
+        for m in methods:  # a part a method demands needs the sweep's calibration data
+            try:
+                resolve_data_parts(DataAware(**m.data_aware), self.calibration is not None)
+            except ValueError as exc:
+                raise ValueError(f"methods[{m.name!r}].data_aware: {exc}") from None
         if self.input_shape is not None:
             shape = self.input_shape
             if (not isinstance(shape, (list, tuple)) or not shape
@@ -429,6 +434,7 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
             _write_results(out, state)
             continue
         plan = result.plan
+        row["allocator"] = plan.config["allocator"]  # what ran (alds_output in place of alds with calibration)
         before = evaluate(work) if evaluate else None
         after = None
         if config.finetune is not None:
