@@ -149,9 +149,7 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
             )
         history, done = state["history"], state["done"]
         if done:
-            step_dir = ckpt / f"step-{done}"
-            restored = load(step_dir, model)
-            current = OptimizeResult(model=restored, plan=load_plan(step_dir), graph=None, curves={})
+            current = _restore(ckpt, done, model)
             rng = ckpt / "rng_state.pt"
             if rng.is_file():
                 torch.set_rng_state(torch.load(rng))
@@ -166,10 +164,11 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
             "max_error": 0.0, "compress_s": 0.0, "finetune_s": 0.0, "time_s": time.perf_counter() - t,
         })
 
-    stopped_early = False
+    # a resumed run that had already stopped on min_metric stays stopped
+    stopped_early = _fell_below(history, schedule.min_metric)
     results: dict[int, OptimizeResult] = {} if current is None else {done: current}
     for s, budget in enumerate(schedule.budgets, start=1):
-        if s <= done:
+        if s <= done or stopped_early:
             continue
         if schedule.mode == "cascade" and current is not None:
             source = densify(copy.deepcopy(current.model))
@@ -208,9 +207,39 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
             log.warning("step %d: metric %.4f fell below min_metric %.4f; stopping", s, m_final, schedule.min_metric)
             break
 
+    if ckpt is not None:  # an earlier step may be chosen: a resumed run reads it back from its checkpoint
+        for h in history[1:]:
+            if h["step"] not in results and (ckpt / f"step-{h['step']}").is_dir():
+                results[h["step"]] = _Lazy(ckpt, h["step"], model)
     final = _pick_final(results, history, schedule, stopped_early)
+    if isinstance(final, _Lazy):
+        final = final.load()
     final.history = history
     return final
+
+
+def _restore(ckpt: Path, s: int, model: nn.Module) -> OptimizeResult:
+    """The result of step ``s`` saved in checkpoint ``ckpt`` (without its graph and curves)."""
+    step_dir = ckpt / f"step-{s}"
+    return OptimizeResult(model=load(step_dir, model), plan=load_plan(step_dir), graph=None, curves={})
+
+
+@dataclass(frozen=True)
+class _Lazy:
+    """A checkpointed step, loaded only if it is the one returned."""
+
+    ckpt: Path
+    step: int
+    model: nn.Module
+
+    def load(self) -> OptimizeResult:
+        return _restore(self.ckpt, self.step, self.model)
+
+
+def _fell_below(history: list[dict[str, Any]], min_metric: float | None) -> bool:
+    """Whether a step of ``history`` ended below ``min_metric`` (the schedule then stopped there)."""
+    return min_metric is not None and any(h["metric"] is not None and h["metric"] < min_metric
+                                          for h in history[1:])
 
 
 def _pick_final(results, history, schedule: Schedule, stopped_early: bool):

@@ -167,3 +167,20 @@ def test_distill_without_teacher_is_supplied_by_scheduler():
     ft = autorank.Finetune(batches, epochs=1, distill=True)
     res = autorank.optimize(model, 0.5, x, finetune=ft)
     assert res.history[-1]["finetune"]["steps"] > 0
+
+
+def test_resuming_a_schedule_that_stopped_early_returns_the_same_step(tmp_path):
+    """A re-run of a checkpointed schedule that stopped on min_metric stays stopped and returns the step it chose."""
+    model, x = build("mlp")
+    total = autorank.count_params(model)
+
+    def kept(m):
+        return autorank.count_params(m) / total
+
+    kw = dict(finetune=lambda m, s: None, evaluate=kept,
+              retrain=autorank.Retrain(schedule=[0.8, 0.6, 0.4], min_metric=0.7, checkpoint=tmp_path))
+    first = autorank.optimize(model, 0.4, x, **kw)
+    again = autorank.optimize(model, 0.4, x, **kw)
+    assert first.plan.budget == again.plan.budget == 0.8
+    assert [h["step"] for h in again.history] == [h["step"] for h in first.history] == [0, 1, 2]
+    assert first.plan.to_json() == again.plan.to_json()
