@@ -8,6 +8,7 @@ from dataclasses import InitVar, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .registry import FAMILIES
+from .validate import check_choice, check_int
 
 __all__ = ["CurveConfig", "SolverConfig", "Compression", "DataAware", "Retrain", "check_budget", "check_metric",
            "resolve_data_parts", "as_config", "METRICS"]
@@ -16,18 +17,6 @@ METRICS = ("params", "flops")
 OBJECTIVES = ("max", "sum")
 METHODS = ("auto", "bisect", "lagrangian", "dp")
 ERROR_BOUNDS = ("upper", "max")
-
-
-def _check_int(owner: str, name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}.{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{owner}.{name} must be >= {low}, got {value!r}")
-
-
-def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{owner}.{name} must be one of {choices}, got {value!r}")
 
 
 def check_budget(budget: Any) -> float:
@@ -92,15 +81,15 @@ class CurveConfig:
                     f"CurveConfig.families: unknown family {f!r}; available: {FAMILIES.names()}"
                 )
         object.__setattr__(self, "families", tuple(fams))
-        _check_int("CurveConfig", "max_groups", self.max_groups, 1)
+        check_int("CurveConfig.max_groups", self.max_groups, low=1)
         if self.groups is not None:
             if not isinstance(self.groups, (tuple, list)) or not self.groups:
                 raise ValueError(f"CurveConfig.groups must be a non-empty sequence of ints, got {self.groups!r}")
             for g in self.groups:
-                _check_int("CurveConfig", "groups[...]", g, 1)
+                check_int("CurveConfig.groups[...]", g, low=1)
             object.__setattr__(self, "groups", tuple(sorted(set(self.groups))))
-        _check_choice("CurveConfig", "error_bound", self.error_bound, ERROR_BOUNDS)
-        _check_int("CurveConfig", "grid_points", self.grid_points, 2)
+        check_choice("CurveConfig.error_bound", self.error_bound, ERROR_BOUNDS)
+        check_int("CurveConfig.grid_points", self.grid_points, low=2)
         if self.options is not None:
             if not isinstance(self.options, dict):
                 raise TypeError(f"CurveConfig.options must be a dict {{family: {{option: value}}}}, got {self.options!r}")
@@ -146,15 +135,15 @@ class SolverConfig:
     dp_bins: int = 2000
 
     def __post_init__(self) -> None:
-        _check_choice("SolverConfig", "objective", self.objective, OBJECTIVES)
-        _check_choice("SolverConfig", "method", self.method, METHODS)
+        check_choice("SolverConfig.objective", self.objective, OBJECTIVES)
+        check_choice("SolverConfig.method", self.method, METHODS)
         if self.objective == "max" and self.method not in ("auto", "bisect"):
             raise ValueError(f"SolverConfig.method={self.method!r} applies to objective='sum' only")
         if self.objective == "sum" and self.method == "bisect":
             raise ValueError("SolverConfig.method='bisect' applies to objective='max' only")
         if not isinstance(self.fill, bool):
             raise TypeError(f"SolverConfig.fill must be a bool, got {self.fill!r}")
-        _check_int("SolverConfig", "dp_bins", self.dp_bins, 10)
+        check_int("SolverConfig.dp_bins", self.dp_bins, low=10)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

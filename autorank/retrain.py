@@ -207,13 +207,10 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
             log.warning("step %d: metric %.4f fell below min_metric %.4f; stopping", s, m_final, schedule.min_metric)
             break
 
-    if ckpt is not None:  # an earlier step may be chosen: a resumed run reads it back from its checkpoint
-        for h in history[1:]:
-            if h["step"] not in results and (ckpt / f"step-{h['step']}").is_dir():
-                results[h["step"]] = _Lazy(ckpt, h["step"], model)
-    final = _pick_final(results, history, schedule, stopped_early)
-    if isinstance(final, _Lazy):
-        final = final.load()
+    # a resumed run may choose a step it did not run this time: it is read back from the checkpoint
+    saved = {h["step"] for h in history[1:] if ckpt is not None and (ckpt / f"step-{h['step']}").is_dir()}
+    chosen = _pick_step(set(results) | saved, history, schedule, stopped_early)
+    final = results[chosen] if chosen in results else _restore(ckpt, chosen, model)
     final.history = history
     return final
 
@@ -224,36 +221,24 @@ def _restore(ckpt: Path, s: int, model: nn.Module) -> OptimizeResult:
     return OptimizeResult(model=load(step_dir, model), plan=load_plan(step_dir), graph=None, curves={})
 
 
-@dataclass(frozen=True)
-class _Lazy:
-    """A checkpointed step, loaded only if it is the one returned."""
-
-    ckpt: Path
-    step: int
-    model: nn.Module
-
-    def load(self) -> OptimizeResult:
-        return _restore(self.ckpt, self.step, self.model)
-
-
 def _fell_below(history: list[dict[str, Any]], min_metric: float | None) -> bool:
     """Whether a step of ``history`` ended below ``min_metric`` (the schedule then stopped there)."""
     return min_metric is not None and any(h["metric"] is not None and h["metric"] < min_metric
                                           for h in history[1:])
 
 
-def _pick_final(results, history, schedule: Schedule, stopped_early: bool):
-    """The last step's result, or after an early stop the last step whose metric met ``min_metric``."""
-    last = max(results)
+def _pick_step(available: set[int], history, schedule: Schedule, stopped_early: bool) -> int:
+    """The last step, or after an early stop the last step whose metric met ``min_metric``."""
+    last = max(available)
     if not stopped_early:
-        return results[last]
+        return last
     ok = [h["step"] for h in history[1:] if h["metric"] is not None and h["metric"] >= schedule.min_metric
-          and h["step"] in results]
+          and h["step"] in available]
     if not ok:
         log.warning("no step met min_metric=%g; returning the last step (budget %.4f)",
                     schedule.min_metric, schedule.budgets[last - 1])
-        return results[last]
+        return last
     best = max(ok)
     log.warning("returning step %d (budget %.4f) instead of the target budget %.4f: it is the last step that "
                 "met min_metric=%g", best, schedule.budgets[best - 1], schedule.budgets[-1], schedule.min_metric)
-    return results[best]
+    return best

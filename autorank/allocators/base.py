@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import SolverConfig
+from ..config import SolverConfig, callable_name
 from ..curves import LayerCurves
 from ..registry import ALLOCATORS
 from ..solver import Infeasible, solve_minmax, solve_sum_dp, solve_sum_lagrangian
@@ -108,8 +108,7 @@ def resolve_allocator(allocator: str | Allocator) -> tuple[str, Allocator]:
     if isinstance(allocator, str):
         return allocator, get_allocator(allocator)
     if callable(allocator):
-        func = getattr(allocator, "func", allocator)  # functools.partial
-        return getattr(func, "__name__", type(func).__name__), allocator
+        return callable_name(allocator), allocator  # a functools.partial by its function's name
     raise TypeError(f"allocator must be a registered name or a callable(ctx), got {allocator!r}")
 
 
