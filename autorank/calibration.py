@@ -220,15 +220,38 @@ def collect_moments(
 
     Returns ``{name: Moments}``.  Embedding layers get the diagonal of the moment of
     their one-hot inputs (the token counts) as a 1-D tensor; every function here that
-    takes a moment accepts that diagonal form.
+    takes a moment accepts that diagonal form.  Linear-like layers that read the same
+    input tensor in every call (q, k and v of a self-attention) get distinct
+    :class:`Moments` holding one shared ``sum`` tensor, computed once per call.
     """
     modules = dict(model.named_modules())
     acc: dict[str, Moments] = {}
-    state: dict[str, Any] = {"mask": None}
+    state: dict[str, Any] = {"mask": None, "last": None}
+    # Linear-like layers that read the same tensor in one call (q, k and v of a self-attention) add the
+    # same x^T x: it is computed once (``state["last"]``: the input, its version and mask, and the product),
+    # and layers that saw the same products throughout share one moment tensor at the end.
+    seen: dict[str, list[int]] = {}
+    serial = [0]
+
+    def shared_gram(mod: nn.Module, x: torch.Tensor, kind: str) -> tuple[torch.Tensor, int, int]:
+        last, mask = state["last"], state["mask"]
+        if last is not None and last[0] is x and last[1] == x._version and last[2] is mask:
+            return last[3], last[4], last[5]
+        r = layer_rows(mod, x, kind, mask).detach().to(torch.float64)
+        serial[0] += 1
+        state["last"] = (x, x._version, mask, r.T @ r, r.shape[0], serial[0])
+        return state["last"][3], r.shape[0], serial[0]
 
     def hook(name: str, kind: str):
         def fn(mod, args):
             x = args[0]
+            if kind in LINEAR_KINDS:
+                gram, rows, key = shared_gram(mod, x, kind)
+                mom = acc.setdefault(name, Moments(torch.zeros_like(gram)))
+                mom.sum.add_(gram)
+                mom.count += rows
+                seen.setdefault(name, []).append(key)
+                return
             if kind == "embedding":
                 ids = x
                 mask = state["mask"]
@@ -250,8 +273,16 @@ def collect_moments(
 
     hooks = [lambda n=name, k=info.kind: modules[n].register_forward_pre_hook(hook(n, k))
              for name, info in layers.items()]
-    _stream(model, batches, hooks, state, lambda batch, i: _forward(model, batch, i), "calibration", progress,
-            mask_key)
+    try:
+        _stream(model, batches, hooks, state, lambda batch, i: _forward(model, batch, i), "calibration", progress,
+                mask_key)
+    finally:
+        state["last"] = None
+    first: dict[tuple[int, ...], str] = {}
+    for name, keys in seen.items():  # the same products in the same order: the same sum, bit for bit
+        owner = first.setdefault(tuple(keys), name)
+        if owner != name:
+            acc[name] = Moments(acc[owner].sum, acc[owner].count)
     missing = [n for n in layers if n not in acc]
     if missing:
         log.warning("no calibration inputs reached %d layer(s): %s", len(missing), ", ".join(missing[:5]))

@@ -338,6 +338,9 @@ def analyze(
             reason = f"excluded by pattern {pat!r}"
         elif reason is None and handler.kind == "embedding" and not embeddings:
             reason = "embedding table (pass embeddings=True to factorise it)"
+        elif reason is None and isinstance(parent, nn.MultiheadAttention):
+            reason = ("nn.MultiheadAttention reads out_proj.weight in its functional forward; optimize compresses "
+                      "it, and q/k/v, by unfusing the attention (autorank.families.attention)")
         elif reason is None and isinstance(parent, PARENTS_READING_CHILD_WEIGHTS):
             reason = f"its parent {type(parent).__name__} reads .weight directly (fused fast path)"
         elif reason is None and other_names:

@@ -31,6 +31,7 @@ from .calibration import collect_moments, collect_output_moments
 from .config import Compression, CurveConfig, DataAware, SolverConfig, as_config, check_metric, resolve_data_parts
 from .curves import LayerCurves, build_curves
 from .families import get_family
+from .families.attention import UnfusedMultiheadAttention, refuse_attention, unfuse_attention
 from .graph import LayerGraph, analyze, count_flops, count_params
 from .plan import LayerPlan, Plan
 from .realize import realize
@@ -165,6 +166,7 @@ class Prepared:
     moments: dict[str, Any] | None
     timings: dict[str, float]
     outputs: dict[str, Any] | None = None
+    attention: tuple[str, ...] = ()  # the nn.MultiheadAttention modules prepare unfused
 
 
 @dataclass(frozen=True)
@@ -206,11 +208,18 @@ class CompressStep:
 
     # -- stage 1
     def prepare(self, work: nn.Module) -> Prepared:
-        """Analyse ``work`` and build its curves (and calibration moments): everything before allocation."""
+        """Analyse ``work`` and build its curves (and calibration moments): everything before allocation.
+
+        Every supported ``nn.MultiheadAttention`` of ``work`` is first unfused in place
+        (:func:`autorank.families.attention.unfuse_attention`, same outputs), so that its four
+        projections are layers; the build turns back those none of whose projections is compressed.
+        """
         comp, metric = self.settings.compression, self.metric
         timings: dict[str, float] = {}
         t = time.perf_counter()
+        unfused, fused = unfuse_attention(work, comp.exclude)
         graph = analyze(work, self.example_inputs, comp.exclude, embeddings=comp.embeddings)
+        graph.skipped.update(fused)
         timings["analyze"] = time.perf_counter() - t
         if not graph.layers:
             why = "; ".join(f"{n}: {r}" for n, r in list(graph.skipped.items())[:5]) or "no Linear/Conv1d/Conv2d layer"
@@ -238,7 +247,7 @@ class CompressStep:
             raise ValueError(f"{type(work).__name__} has no layer whose factorisation is cheaper than dense")
         return Prepared(graph=graph, curves=layer_curves, skipped={**graph.skipped, **no_gain}, total=total,
                         fixed=fixed_cost(layer_curves, metric, total), moments=moments, timings=timings,
-                        outputs=outputs)
+                        outputs=outputs, attention=tuple(unfused))
 
     # -- stage 2
     def choose(self, work: nn.Module, prep: Prepared, budget: float, *, curves: Mapping[str, LayerCurves] | None = None,
@@ -280,6 +289,8 @@ class CompressStep:
             del reference
             timings["refit"] = time.perf_counter() - t
             log.info("sequential refit of %d layers: %.2fs", len(done), timings["refit"])
+        refuse_attention(work, prep.attention, [n for n, lp in plan.layers.items() if lp.compressed])
+        plan.attention = [n for n, m in work.named_modules() if isinstance(m, UnfusedMultiheadAttention)]
         return timings
 
     # -- stage 4

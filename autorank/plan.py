@@ -41,6 +41,10 @@ class Plan:
 
     ``totals`` holds the measured figures of the realised model (``params``,
     ``flops``, ``params_before``, ``flops_before``) once it has been built.
+    ``attention`` names the ``nn.MultiheadAttention`` modules that the realised model holds
+    as :class:`autorank.families.attention.UnfusedMultiheadAttention` (their projections are
+    the layers ``<name>.q_proj``, ``.k_proj``, ``.v_proj``, ``.out_proj``);
+    :func:`autorank.realize` unfuses them first.
     """
 
     metric: str
@@ -53,6 +57,7 @@ class Plan:
     totals: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    attention: list[str] = field(default_factory=list)
 
     # ---- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ._util import parallel_map
 from .families import get_family, output_kwargs
+from .families.attention import unfuse_named
 from .graph import replace_module
 from .modules import Factorized
 from .plan import Plan
@@ -43,6 +44,8 @@ def realize(
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an autorank.Plan, got {type(plan).__name__}")
     out = model if inplace else copy.deepcopy(model)
+    # the attention modules whose projections the plan names: as four Linear children first
+    unfuse_named(out, plan.attention)
     wanted = None if layers is None else set(layers)
     todo = []
     for name, lp in plan.layers.items():
