@@ -219,7 +219,10 @@ class CompressStep:
         t = time.perf_counter()
         unfused, fused = unfuse_attention(work, comp.exclude)
         graph = analyze(work, self.example_inputs, comp.exclude, embeddings=comp.embeddings)
-        graph.skipped.update(fused)
+        for name, why in fused.items():
+            graph.skipped[name] = why
+            if f"{name}.out_proj" in graph.skipped and not graph.skipped[f"{name}.out_proj"].startswith("excluded"):
+                graph.skipped[f"{name}.out_proj"] = f"called functionally by the attention {name}, left fused"
         timings["analyze"] = time.perf_counter() - t
         if not graph.layers:
             why = "; ".join(f"{n}: {r}" for n, r in list(graph.skipped.items())[:5]) or "no Linear/Conv1d/Conv2d layer"

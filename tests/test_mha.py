@@ -256,10 +256,20 @@ class Subclassed(nn.MultiheadAttention):
     pass
 
 
+class Unfusable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module("0", nn.TransformerEncoderLayer(E, HEADS, dim_feedforward=32, batch_first=True))
+        self.sub = Subclassed(E, HEADS, batch_first=True)
+        self.lin = nn.Linear(E, E)
+
+    def forward(self, x):
+        h = self.get_submodule("0")(x)
+        return self.lin(h + self.sub(h, h, h)[0])
+
+
 def test_attention_that_cannot_be_unfused_is_named_with_a_reason():
-    layer = nn.TransformerEncoderLayer(E, HEADS, dim_feedforward=32, batch_first=True)
-    model = nn.Sequential(layer, nn.Linear(E, E))
-    model.sub = Subclassed(E, HEADS)
+    model = Unfusable()
     done, left = unfuse_attention(copy.deepcopy(model))
     assert done == []
     assert "reads in_proj_weight and out_proj.weight directly" in left["0.self_attn"]
@@ -271,6 +281,12 @@ def test_attention_that_cannot_be_unfused_is_named_with_a_reason():
     # the analyser names the functional out_proj of an attention it sees fused
     graph = autorank.analyze(TinyAttention(), tiny_inputs(True))
     assert "unfusing the attention" in graph.skipped["attn.out_proj"]
+    # what optimize left fused is in the result's skip list with the reason
+    x = torch.randn(2, T, E)
+    result = autorank.optimize(model, 0.97, x)  # the fused attention weights are a fixed cost
+    assert "reads in_proj_weight" in result.plan.skipped["0.self_attn"]
+    assert result.plan.skipped["0.self_attn.out_proj"] == "called functionally by the attention 0.self_attn, left fused"
+    assert "subclasses" in result.plan.skipped["sub"] and result.plan.attention == []
 
 
 def test_cascade_schedule_keeps_attention_unfused_consistently(tmp_path):

@@ -10,7 +10,9 @@ the four functions of :class:`Family` and call :func:`register_family`
 * :mod:`.conv`: the 2-D convolution geometry and tensor unfoldings the convolution
   families share;
 * the families: :mod:`.alds` (grouped low-rank SVD), :mod:`.alrf`, :mod:`.cp`,
-  :mod:`.sparse_lowrank`, :mod:`.spatial` (spatial SVD), :mod:`.tt`, :mod:`.tucker` (Tucker-2).
+  :mod:`.sparse_lowrank`, :mod:`.spatial` (spatial SVD), :mod:`.tt`, :mod:`.tucker` (Tucker-2);
+* :mod:`.attention`: ``nn.MultiheadAttention`` as four Linear layers (q, k, v, out), which every
+  Linear family then factorises (it registers no family of its own).
 """
 
 from __future__ import annotations
