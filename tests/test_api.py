@@ -249,8 +249,8 @@ def test_bare_layer_gets_a_helpful_error():
 
 @pytest.mark.parametrize("metric", ["params", "flops"])
 def test_torch_transformer_encoder_layer(metric):
-    """nn.MultiheadAttention calls out_proj functionally, and the encoder layer's fused fast path
-    reads linear1/linear2.weight: all are skipped with a reason, and the budget holds."""
+    """The encoder layer's fused fast path reads its attention's in_proj_weight and linear1/linear2.weight:
+    the attention is left fused and all are skipped with a reason, and the budget holds."""
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
     model = torch.nn.Sequential(layer, torch.nn.Linear(32, 256), torch.nn.Linear(256, 8))
@@ -258,7 +258,8 @@ def test_torch_transformer_encoder_layer(metric):
     r = autorank.optimize(model, 0.9, x, metric=metric)
     t = r.plan.totals
     assert t[metric] <= 0.9 * t[f"{metric}_before"]
-    assert "not called" in r.plan.skipped["0.self_attn.out_proj"]
+    assert "left fused" in r.plan.skipped["0.self_attn.out_proj"]
+    assert "reads in_proj_weight" in r.plan.skipped["0.self_attn"]
     assert "reads .weight directly" in r.plan.skipped["0.linear1"]
     with torch.no_grad():
         assert r.model(x).shape == (2, 5, 8)

@@ -292,9 +292,9 @@ class UnfusedMultiheadAttention(nn.Module):
 
 # ---- the model-level conversions -----------------------------------------------------------
 
-def unfuse_reason(name: str, module: nn.Module, parent: nn.Module | None, aliases: Iterable[str] = (),
+def unfuse_reason(module: nn.Module, parent: nn.Module | None, aliases: Iterable[str] = (),
                   shared: Iterable[str] = ()) -> str | None:
-    """Why the attention ``module`` at ``name`` cannot be unfused (None: it can).
+    """Why the attention ``module`` (child of ``parent``) cannot be unfused (None: it can).
 
     ``aliases``: other names the same module is registered under; ``shared``: names of
     parameters outside it that are the same tensors as its own.
@@ -356,7 +356,7 @@ def unfuse_attention(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[lis
         own = {f"{name}.{pn}" for pn, _ in mod.named_parameters()}
         shared = sorted({o for pn, p in mod.named_parameters() for o in owners.get(id(p), []) if o not in own})
         parent = named[name.rpartition(".")[0]] if "." in name else model
-        reason = unfuse_reason(name, mod, parent, [a for a in aliases.get(id(mod), []) if a != name], shared)
+        reason = unfuse_reason(mod, parent, [a for a in aliases.get(id(mod), []) if a != name], shared)
         if reason is not None:
             left[name] = f"nn.MultiheadAttention left fused: {reason}"
             continue
