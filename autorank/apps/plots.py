@@ -66,32 +66,34 @@ _DASHES = ("-", "--", "-.", ":")
 
 def zoom_range(rows: Sequence[Mapping[str, Any]], higher_is_better: bool = True,
                baseline: float | None = None) -> tuple[float, float] | None:
-    """The value range that matters in a sweep: from the worst of the per-budget best values to the best value.
+    """The value range that matters in a sweep, or None when the full range is already it.
 
-    At every budget the best method's value is taken; the range runs from the worst of
-    these to the best value of any row (and the original model's, when given).  A method
-    that collapses (e.g. uniform at 10 % accuracy) falls outside it, so the methods that
-    compete stay distinguishable.  None when there is nothing to zoom: no rows, or when
-    the range covers more than half of the full range of values.
+    At every budget the best method's value is taken.  With higher-is-better values, the
+    range runs from the best value of any row (or the original model's) down to the worst
+    of these per-budget bests, and half that span again below it, so that methods close
+    to the best stay inside; a method that collapses (e.g. uniform at 10 % accuracy) falls
+    outside.  Mirrored for lower-is-better values.  None when there are no values, or when
+    the range would cover more than half of the full range of the values.
     """
     vals = [(r["budget"], _quality(r)[0]) for r in rows]
     vals = [(b, v) for b, v in vals if v is not None]
     if not vals:
         return None
     pick = max if higher_is_better else min
-    best_at = {}
+    best_at: dict[float, float] = {}
     for b, v in vals:
         best_at[b] = v if b not in best_at else pick(best_at[b], v)
     everything = [v for _, v in vals] + ([baseline] if baseline is not None else [])
     if higher_is_better:
-        lo, hi = min(best_at.values()), max(everything)
+        best, edge = max(everything), min(best_at.values())
     else:
-        lo, hi = min(everything), max(best_at.values())
-    full = max(everything + [v for _, v in vals]) - min(everything + [v for _, v in vals])
+        best, edge = min(everything), max(best_at.values())
+    span = abs(best - edge) or 0.02 * max(abs(best), 1e-12)
+    lo, hi = (edge - 0.5 * span, best + 0.12 * span) if higher_is_better else (best - 0.12 * span, edge + 0.5 * span)
+    full = max(everything) - min(everything)
     if full <= 0 or hi - lo > 0.5 * full:
         return None
-    pad = 0.12 * (hi - lo) if hi > lo else 0.02 * max(abs(hi), 1e-12)
-    return lo - pad, hi + pad
+    return lo, hi
 
 
 def _quality_panel(ax, rows, methods, key: str, unit: str, base: Mapping[str, Any], label: str,
@@ -268,8 +270,9 @@ def error_curves_figure(curves: Mapping[str, Mapping[str, Any]], chosen: Mapping
             ax.plot([h["rank"]], [lp["error"]], marker="*", ms=13, color="crimson", ls="none", zorder=5,
                     label=f"chosen: k={h['groups']}, j={h['rank']}")
         elif lp is not None:
-            ax.text(0.98, 0.95, f"chosen: {hyper_text(lp)}", transform=ax.transAxes, ha="right", va="top",
-                    fontsize="small", color="crimson")
+            what = "kept dense" if lp.get("family") == "dense" else f"chosen: {hyper_text(lp)}"
+            ax.text(0.03, 0.05, what, transform=ax.transAxes, ha="left", va="bottom", fontsize="small",
+                    color="crimson")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("rank j per group")
         ax.set_ylabel("relative error eps(j)")
