@@ -123,8 +123,7 @@ def test_zoom_range_keeps_the_competitive_methods_apart():
     assert len(panels) == 4
     zoomed = [ax for ax in panels if "zoom" in ax.get_ylabel()]
     assert len(zoomed) == 2 and all(ax.get_ylim() == pytest.approx((lo, hi)) for ax in zoomed)
-    notes = [t.get_text() for t in zoomed[0].texts]
-    assert notes == ["below this panel: uniform @ 0.3 (90), uniform @ 0.1 (10)"]  # alds-sum's 94 stays in
+    assert zoomed[0].get_title() == "below this panel: uniform @ 0.3 (90), uniform @ 0.1 (10)"  # alds-sum's 94 stays
     full = [ax for ax in panels if "zoom" not in ax.get_ylabel()]
     assert full[0].get_ylim()[0] < 10.0  # the top row still shows everything
 

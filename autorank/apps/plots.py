@@ -70,7 +70,7 @@ def zoom_range(rows: Sequence[Mapping[str, Any]], higher_is_better: bool = True,
 
     At every budget the best method's value is taken.  With higher-is-better values, the
     range runs from the best value of any row (or the original model's) down to the worst
-    of these per-budget bests, and half that span again below it, so that methods close
+    of these per-budget bests, and 60 % of that span again below it, so that methods close
     to the best stay inside; a method that collapses (e.g. uniform at 10 % accuracy) falls
     outside.  Mirrored for lower-is-better values.  None when there are no values, or when
     the range would cover more than half of the full range of the values.
@@ -89,7 +89,7 @@ def zoom_range(rows: Sequence[Mapping[str, Any]], higher_is_better: bool = True,
     else:
         best, edge = min(everything), max(best_at.values())
     span = abs(best - edge) or 0.02 * max(abs(best), 1e-12)
-    lo, hi = (edge - 0.5 * span, best + 0.12 * span) if higher_is_better else (best - 0.12 * span, edge + 0.5 * span)
+    lo, hi = (edge - 0.6 * span, best + 0.12 * span) if higher_is_better else (best - 0.12 * span, edge + 0.6 * span)
     full = max(everything) - min(everything)
     if full <= 0 or hi - lo > 0.5 * full:
         return None
@@ -119,18 +119,17 @@ def _quality_panel(ax, rows, methods, key: str, unit: str, base: Mapping[str, An
         ax.set_ylabel(label)
         ax.legend(fontsize="small")
         return
+    import textwrap
+
     ax.set_ylim(*ylim)
     ax.set_ylabel(f"{label}\n(zoom)")
     off = sorted({(r["method"], r["budget"], _quality(r)[0]) for r in rows
                   if _quality(r)[0] is not None and not ylim[0] <= _quality(r)[0] <= ylim[1]},
                  key=lambda t: (t[0], -t[1]))
+    note = "zoom on the competitive range"
     if off:
-        side = "below" if higher else "above"
-        note = f"{side} this panel: " + ", ".join(f"{m} @ {b:g} ({v:.3g})" for m, b, v in off)
-        ax.text(0.01, 0.02 if higher else 0.98, note, transform=ax.transAxes, fontsize="small",
-                va="bottom" if higher else "top", ha="left", color="dimgrey",
-                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
-    ax.legend(fontsize="small", loc="lower right" if higher else "upper right")
+        note = f"{'below' if higher else 'above'} this panel: " + ", ".join(f"{m} @ {b:g} ({v:.3g})" for m, b, v in off)
+    ax.set_title("\n".join(textwrap.wrap(note, 70)), fontsize="small", color="dimgrey")
 
 
 def metric_vs_budget_figure(state: Mapping[str, Any]):
