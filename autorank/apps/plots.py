@@ -312,14 +312,17 @@ def _generations(g) -> list[list[Any]]:
 
 
 def _layered_positions(g, cols: int | None = None) -> tuple[dict[Any, tuple[float, float]], dict[Any, int], int, float]:
-    """Node positions in topological generations, wrapped into rows of ``cols`` generations.
+    """Node positions in topological generations, wrapped into rows of ``cols`` generations
+    (default: as many rows as 8 per row needs, filled evenly).
 
     Rows run alternately left-to-right and right-to-left (boustrophedon), so the edge from the
     end of one row to the start of the next is short.  Returns the positions, each node's row,
     the columns used, and the height of the drawing in node units.
     """
     gens = [sorted(nodes, key=str) for nodes in _generations(g)]
-    cols = cols or max(1, min(len(gens), 8))
+    if cols is None:  # at most 8 per row, the rows as even as they can be (18 -> 3 rows of 6)
+        rows = -(-len(gens) // 8)
+        cols = max(1, -(-len(gens) // rows))
     pos, band, top = {}, {}, 0.0
     for start in range(0, len(gens), cols):
         chunk = gens[start:start + cols]
