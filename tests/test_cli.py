@@ -255,6 +255,7 @@ def test_unexpected_errors_are_one_line_too(monkeypatch, tmp_path, capsys):
     def bug(*args, **kwargs):
         raise LookupError("a bug")
     monkeypatch.setattr("autorank.apps.plots.plot_sweep", bug)
+    (tmp_path / "results.json").write_text("{}")
     code = main(["plot", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "unexpected LookupError: a bug" in err and "-v" in err

@@ -346,6 +346,9 @@ def _plot(args) -> None:
     from autorank.io import PLAN_FILE
 
     d = Path(args.dir)
+    if not (d / PLAN_FILE).is_file() and not (d / RESULTS_JSON).is_file():
+        raise FileNotFoundError(f"{str(d)!r} has neither {RESULTS_JSON} (autorank sweep) nor {PLAN_FILE} "
+                                "(autorank optimize) to plot")
     if (d / PLAN_FILE).is_file() and not (d / RESULTS_JSON).is_file():
         if args.budget is not None or args.method is not None:
             raise ValueError(f"--budget and --method pick a sweep row; {str(d)!r} holds one plan (autorank optimize)")
