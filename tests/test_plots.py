@@ -206,3 +206,15 @@ def test_plot_result_needs_layers(tmp_path):
         plot_result(tmp_path)
     with pytest.raises(FileNotFoundError, match="plan.json"):
         plot_result(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("conv1", "conv1"),
+    ("layer2.0.conv2", "layer2.0.\nconv2"),
+    ("layer2.0.downsample.0", "layer2.0.\ndownsample.0"),
+    ("averyveryverylongname", "averyveryverylongname"),
+])
+def test_graph_labels_wrap_at_a_dot(name, expected):
+    from autorank.apps.plots import _wrap_name
+
+    assert _wrap_name(name) == expected

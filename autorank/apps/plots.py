@@ -291,7 +291,7 @@ def _wrap_name(name: str, width: int = 13) -> str:
     if len(name) <= width or "." not in name:
         return name
     dots = [i for i, ch in enumerate(name) if ch == "."]
-    cut = min(dots, key=lambda i: abs(i - len(name) / 2)) + 1
+    cut = min(dots, key=lambda i: (abs(i - len(name) / 2), -i)) + 1  # ties: the later dot (layer2.0. conv2)
     return name[:cut] + "\n" + name[cut:]
 
 
@@ -348,7 +348,7 @@ def graph_figure(graph, kept: Mapping[str, float], title: str = "layer graph"):
     import networkx as nx
 
     pos, band, cols, height = _layered_positions(graph)
-    fig = _figure(1.45 * cols + 0.8, 0.95 * height + 1.6)
+    fig = _figure(1.25 * cols + 0.8, 0.85 * height + 1.6)
     ax = fig.subplots()
     cmap, norm = mpl.colormaps["viridis"], mpl.colors.Normalize(0, 1)
     colours = [cmap(norm(kept[n])) if n in kept else "lightgrey" for n in graph.nodes]
