@@ -275,7 +275,13 @@ def test_tucker2_grid_keeps_balanced_pairs():
     cand = get_family("tucker2").candidates(conv, info, CurveConfig(families=("tucker2",), grid_points=5), None)
     ratio = (cand.hyper["rank_in"] / 6) / (cand.hyper["rank_out"] / 8)
     assert np.all((ratio >= 0.5) & (ratio <= 2)) and len(cand) >= 5
-    assert (6, 8) in set(zip(cand.hyper["rank_in"].tolist(), cand.hyper["rank_out"].tolist()))
+    # the grid's pairs, less those no cheaper than the dense layer (the full pair (6, 8) among them)
+    from autorank.families.tucker import tucker2_rankas_pairs
+
+    r3, r4 = tucker2_rankas_pairs(6, 8, 5)
+    kept = set(zip(cand.hyper["rank_in"].tolist(), cand.hyper["rank_out"].tolist()))
+    assert kept <= set(zip(r3.tolist(), r4.tolist())) and (6, 8) not in kept and (4, 5) in kept
+    assert np.all((cand.params < info.dense_params) | (cand.flops < info.dense_flops))
 
 
 def test_cp_is_deterministic_and_leaves_tensorly_backend_alone():
