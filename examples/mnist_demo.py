@@ -39,7 +39,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     train, test = load_mnist()
-    model = train_mnist_cnn(cache_dir=".cache/autorank")
+    model = train_mnist_cnn()  # cached in ~/.cache/autorank (or $AUTORANK_CACHE)
     base = accuracy(model, test)
     print(f"MNIST CNN: {autorank.count_params(model):,} params, held-out accuracy {base:.2f}% "
           f"on {len(test)} digits ({time.perf_counter() - t0:.1f}s incl. training or cache load)")
@@ -76,7 +76,7 @@ def main() -> None:
         png = plot(results, base, Path(args.out) / "mnist_demo.png")
         print(f"\nwrote {png}")
     except ImportError:
-        print("\nmatplotlib is not installed: no plot (pip install matplotlib)")
+        print('\nmatplotlib is not installed: no plot (pip install "autorank[plot]")')
     print(f"total time {time.perf_counter() - t0:.1f}s")
 
 
