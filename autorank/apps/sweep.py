@@ -34,7 +34,7 @@ from ..finetune import Finetune
 from ..graph import analyze
 from ..latency import layer_latencies, measure_latency
 from ..pipeline import CompressStep, Settings
-from ..progress import Progress, progress_scope
+from ..progress import Progress, progress_scope, stage
 from .models import ModelSpec, available_models, load_model, register_model
 
 __all__ = [
@@ -50,8 +50,8 @@ RESULTS_VERSION = 1
 DATASETS = ("mnist",)
 CSV_COLUMNS = (
     "method", "allocator", "budget", "status", "params", "flops", "params_frac", "flops_frac",
-    "latency_ms", "latency_iqr_ms", "speedup", "speedup_low", "speedup_high", "speedup_noisy", "metric_before", "metric_after", "max_error",
-    "network_bound", "slower_layers", "wall_s",
+    "latency_ms", "latency_iqr_ms", "speedup", "speedup_low", "speedup_high", "speedup_noisy", "metric_before",
+    "metric_after", "max_error", "network_bound", "slower_layers", "wall_s",
 )
 
 
@@ -419,11 +419,13 @@ def _run_sweep(config: SweepConfig, out: Path, resume: bool, model_spec: ModelSp
     spec = model_spec or load_model(config.model, config.checkpoint, config.input_shape)
     model, x = spec.model, spec.example_inputs
     train, evaluate = _evaluator(config.data)
-    graph = analyze(model, x)
+    with stage("sweep: analysis and the original's latency", progress):
+        graph = analyze(model, x)
+        base_lat = measure_latency(model, spec.latency_inputs, config.latency_repeats,
+                                   threads=config.latency_threads)
     import networkx as nx
 
     _write_atomic(out / "graph.json", json.dumps(nx.node_link_data(graph.graph, edges="edges"), default=str))
-    base_lat = measure_latency(model, spec.latency_inputs, config.latency_repeats, threads=config.latency_threads)
     if state["baseline"] is None:
         state["baseline"] = {
             "params": graph.total_params, "flops": graph.total_flops,
