@@ -6,14 +6,17 @@
 Models: ``mnist_cnn`` (the demo's CNN, ~390k params, one 1x28x28 digit as example input,
 512 training digits in 8 batches as calibration data, 256 held-out digits for Refine) or
 ``resnet18`` (torchvision, untrained weights, one 1x3x224x224 input, 8 random batches of 8
-images as calibration).  Each line is timed once, end to end, with ``progress=False``;
-on a machine shared with other work the figures vary by tens of percent.
+images as calibration).  Each line is timed once, end to end, with ``progress=False``, and
+prints its wall time, the CPU time of the process (all threads; on an idle machine with
+``n`` cores the wall time is between ``cpu / n`` and ``cpu``) and the 1-minute load average:
+on a machine shared with other work the wall time grows with the load, the CPU time much less.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 import torch
@@ -85,9 +88,10 @@ def main() -> None:
     for name, what, fn in cases(*data):
         if args.only and name not in args.only:
             continue
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        print(f"{name:>14}  {time.perf_counter() - t:8.1f} s  {what}", flush=True)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        print(f"{name:>14}  wall {wall:8.1f} s  cpu {cpu:8.1f} s  load {os.getloadavg()[0]:5.1f}  {what}", flush=True)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,35 @@ def test_training_the_demo_cnn_goes_to_the_user_cache_and_says_so(monkeypatch, t
     caplog.clear()
     zoo.train_mnist_cnn(epochs=1)  # from the cache: no training line
     assert not any(r.getMessage().startswith("training the MNIST CNN") for r in caplog.records)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.NOTSET)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("autorank_level, shown", [(logging.INFO, False), (logging.DEBUG, True)])
+def test_refine_keeps_optunas_own_lines_quiet_unless_debugging(caplog, autorank_level, shown):
+    optuna = pytest.importorskip("optuna")
+    model, x = build("mlp")
+    g = torch.Generator().manual_seed(5)
+    calib = [torch.randn(40, 32, generator=g) for _ in range(2)]
+    held = [torch.randn(16, 32, generator=g)]
+    caplog.set_level(autorank_level, logger="autorank")
+    before = optuna.logging.get_verbosity()
+    seen = _Records()
+    optuna_logger = logging.getLogger("optuna")
+    optuna_logger.addHandler(seen)
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default
+    try:
+        autorank.optimize(model, 0.5, x, calibration=calib, refine=autorank.Refine(heldout=held, n_trials=2))
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO  # put back as it was
+    finally:
+        optuna_logger.removeHandler(seen)
+        optuna.logging.set_verbosity(before)
+    assert any("A new study created" in m for m in seen.messages) is shown
+    assert any(r.getMessage().startswith("refine trials: done 2/2") for r in caplog.records)
