@@ -55,9 +55,10 @@ def cases(model, x, batches, held, loader, evaluate, train):
     yield "basic", "optimize(model, 0.3, x)", lambda: autorank.optimize(model, 0.3, x, progress=False)
     yield "flops", 'optimize(model, 0.5, metric="flops", x)', \
         lambda: autorank.optimize(model, 0.5, x, metric="flops", progress=False)
-    yield "families", "Compression(families=[alds, tucker2, cp, spatial_svd, tt], exclude=[fc*])", \
+    # without the README's exclude=["fc*"]: on the MNIST CNN fc1 holds 75 % of the weights, so 0.3 is unreachable
+    yield "families", "Compression(families=[alds, tucker2, cp, spatial_svd, tt])", \
         lambda: autorank.optimize(model, 0.3, x, progress=False, compression=autorank.Compression(
-            families=["alds", "tucker2", "cp", "spatial_svd", "tt"], exclude=["fc*"]))
+            families=["alds", "tucker2", "cp", "spatial_svd", "tt"]))
     yield "vbmf", 'Compression(allocator="vbmf")', \
         lambda: autorank.optimize(model, 0.3, x, progress=False, compression=autorank.Compression(allocator="vbmf"))
     if loader is not None:
@@ -85,11 +86,18 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     data = _mnist() if args.model == "mnist_cnn" else _resnet18()
     print(f"model {args.model}: {autorank.count_params(data[0]):,} params, {torch.get_num_threads()} threads")
-    for name, what, fn in cases(*data):
-        if args.only and name not in args.only:
+    table = {name: (what, fn) for name, what, fn in cases(*data)}
+    for name in args.only or list(table):  # in the order asked for
+        if name not in table:
+            print(f"{name:>14}  skipped: not a case for {args.model}")
             continue
+        what, fn = table[name]
         t, c = time.perf_counter(), time.process_time()
-        fn()
+        try:
+            fn()
+        except ValueError as exc:  # e.g. a budget the model cannot reach
+            print(f"{name:>14}  failed: {exc}", flush=True)
+            continue
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         print(f"{name:>14}  wall {wall:8.1f} s  cpu {cpu:8.1f} s  load {os.getloadavg()[0]:5.1f}  {what}", flush=True)
 
