@@ -33,6 +33,7 @@ from .curves import LayerCurves, build_curves
 from .families import get_family
 from .graph import LayerGraph, analyze, count_flops, count_params
 from .plan import LayerPlan, Plan
+from .progress import progress_scope, stage
 from .realize import realize
 from .result import OptimizeResult
 from .sequential import sequential_refit
@@ -107,6 +108,28 @@ def record_built_errors(plan: Plan, model: nn.Module) -> None:
     if changed:
         errs = np.array([lp.error for lp in plan.layers.values()])
         plan.max_error, plan.network_bound = float(errs.max()), network_bound(errs)
+
+
+def thin_moments(moments: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """``{layer: (rows, inputs)}`` for the layers whose calibration saw fewer input rows than inputs.
+
+    A moment ``M = (1/N) sum x x^T`` of ``N < n`` rows has rank at most ``N``, so every rank
+    ``j >= N`` fits the calibration inputs exactly: its data-aware error is 0 there, whatever
+    it does on other inputs.
+    """
+    return {name: (int(m.count), int(m.sum.shape[0])) for name, m in moments.items()
+            if m.sum.ndim == 2 and m.count < m.sum.shape[0]}
+
+
+def warn_thin_calibration(moments: Mapping[str, Any]) -> None:
+    """One warning naming the layers :func:`thin_moments` finds (the plan may over-compress them)."""
+    thin = thin_moments(moments)
+    if thin:
+        some = ", ".join(f"{n} ({rows} rows < {inputs} inputs)" for n, (rows, inputs) in list(thin.items())[:4])
+        more = f" and {len(thin) - 4} more" if len(thin) > 4 else ""
+        log.warning("calibration is too small for %d layer(s): %s%s. Their data-aware errors are 0 from rank "
+                    "= rows on, so the plan may compress them far more than the data supports; pass more "
+                    "calibration samples (at least as many rows as the layer's inputs)", len(thin), some, more)
 
 
 # ---- the settings --------------------------------------------------------------------------------
@@ -229,7 +252,8 @@ class CompressStep:
         comp, metric = self.settings.compression, self.metric
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        graph = analyze(work, self.example_inputs, comp.exclude, embeddings=comp.embeddings)
+        with stage("analysis", self.progress):
+            graph = analyze(work, self.example_inputs, comp.exclude, embeddings=comp.embeddings)
         timings["analyze"] = time.perf_counter() - t
         if not graph.layers:
             why = "; ".join(f"{n}: {r}" for n, r in list(graph.skipped.items())[:5]) or "no Linear/Conv1d/Conv2d layer"
@@ -242,6 +266,7 @@ class CompressStep:
             t = time.perf_counter()
             moments = collect_moments(work, graph.layers, self.calibration, self.progress)
             timings["calibration"] = time.perf_counter() - t
+            warn_thin_calibration(moments)
             if self.parts["output_weighting"]:
                 t = time.perf_counter()
                 outputs = collect_output_moments(work, graph.layers, self.calibration, self.settings.data.output,
@@ -263,10 +288,11 @@ class CompressStep:
     def choose(self, work: nn.Module, prep: Prepared, budget: float, *, curves: Mapping[str, LayerCurves] | None = None,
                solver: SolverConfig | None = None, cache: dict[str, Any] | None = None) -> tuple[dict[str, int], float]:
         """The global step on ``prep``'s curves (or on ``curves``, e.g. re-weighted ones); ``(picked, largest error)``."""
-        return allocate(prep.curves if curves is None else curves, budget, self.metric, prep.total, prep.fixed,
-                        solver or self.settings.solver, self.settings.allocator(self.calibrated),
-                        model=work, example_inputs=self.example_inputs, moments=prep.moments,
-                        evaluate=self.evaluate, cache={} if cache is None else cache, outputs=prep.outputs)
+        with progress_scope(self.progress):  # allocators that probe models report under it
+            return allocate(prep.curves if curves is None else curves, budget, self.metric, prep.total, prep.fixed,
+                            solver or self.settings.solver, self.settings.allocator(self.calibrated),
+                            model=work, example_inputs=self.example_inputs, moments=prep.moments,
+                            evaluate=self.evaluate, cache={} if cache is None else cache, outputs=prep.outputs)
 
     # -- stage 3
     def plan(self, prep: Prepared, picked: Mapping[str, int], budget: float,
@@ -287,7 +313,8 @@ class CompressStep:
         refit = self.parts["sequential"] and prep.moments is not None
         t = time.perf_counter()
         reference = copy.deepcopy(work) if refit else None
-        realize(work, plan, inplace=True, moments=prep.moments)
+        with stage(f"realise {sum(lp.compressed for lp in plan.layers.values())} layers", self.progress):
+            realize(work, plan, inplace=True, moments=prep.moments)
         timings["realize"] = time.perf_counter() - t
         if reference is not None:
             t = time.perf_counter()

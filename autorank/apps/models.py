@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
+from .._util import require
+
 __all__ = ["ModelSpec", "register_model", "available_models", "load_model"]
 
 
@@ -108,10 +110,7 @@ def load_model(spec: str, checkpoint: str | os.PathLike | None = None,
     if spec in _MODELS:
         out = _MODELS[spec]()
     elif spec.startswith("torchvision:"):
-        try:
-            import torchvision.models as tvm
-        except ImportError:
-            raise ValueError(f"model {spec!r} needs torchvision (pip install autorank[vision])") from None
+        tvm = require("torchvision.models", f"model {spec!r}")
         name = spec.split(":", 1)[1]
         try:
             builder = tvm.get_model_builder(name)

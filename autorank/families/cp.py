@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._util import require
 from ..config import CurveConfig
 from ..graph import LayerInfo
 from ..measures import check_hyper, rank_grid, relative_errors
@@ -108,7 +109,7 @@ def cp_rank_limit(shape: Sequence[int]) -> int:
 @contextlib.contextmanager
 def _numpy_backend() -> Iterator[None]:
     """tensorly's numpy backend for this thread only; the global (and other threads') backend is untouched."""
-    import tensorly as tl
+    tl = require("tensorly", f'families=["{NAME}"]')
 
     old = tl.get_backend()
     if old == "numpy":
@@ -148,6 +149,7 @@ def cp_factors(weight: torch.Tensor, rank: int, n_iter_max: int = 100, tol: floa
     compressed bases, which are nested, then the ``svd`` initialisation's columns beyond its
     rank).  Raises ValueError for a bad rank and FloatingPointError when the fit is not finite.
     """
+    require("tensorly", f'families=["{NAME}"]')
     from tensorly.cp_tensor import CPTensor
     from tensorly.decomposition import parafac
 
