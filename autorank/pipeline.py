@@ -264,7 +264,7 @@ class CompressStep:
                                                             self.progress, outputs, keep=not heavy)
             if not heavy:  # every moment was kept: allocators and the build read them as on the whole path
                 moments = streamed.outer
-            timings["calibration+curves"] = time.perf_counter() - t
+            timings["calibration"] = time.perf_counter() - t  # with the curves: block by block, they interleave
         else:
             if self.calibrated:
                 moments = collect_moments(work, graph.layers, batches, self.progress)
@@ -311,8 +311,9 @@ class CompressStep:
             t = time.perf_counter()
             done = stream_build(work, plan, prep.graph, prep.streamed, refit, outputs=prep.outputs,
                                 progress=self.progress)
-            timings["realize+refit"] = time.perf_counter() - t
-            log.info("built block by block, %d layers refitted: %.2fs", len(done), timings["realize+refit"])
+            key = "refit" if refit else "realize"  # block by block, a block is realised then refitted
+            timings[key] = time.perf_counter() - t
+            log.info("built block by block, %d layers refitted: %.2fs", len(done), timings[key])
             return timings
         refit = refit and prep.moments is not None
         t = time.perf_counter()

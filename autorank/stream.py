@@ -529,7 +529,7 @@ def stream_build(
         hat = calls  # the compressed model's inputs of the current block (tracked for the refit only)
         if refit and any(plan.layers[n].compressed for n in chain.before if n in plan.layers):
             hat, _ = capture_inputs(model, chain, batches, {}, False, key)
-        first, first_hat = calls, hat
+        first_hat = hat
         outs = outs_hat = None
         for i, bname in enumerate(progress_bar(chain.blocks, "blocks (build)", progress)):
             t = time.perf_counter()
@@ -563,7 +563,8 @@ def stream_build(
             log.info("block %d/%d %s: built%s, %.2fs", i + 1, len(chain.blocks), bname,
                      " and refitted" if wanted else "", time.perf_counter() - t)
         if chain.after:
-            outer_step(chain.after, lambda m: replayed(m, chain, first, outs),
+            # both models run the current (compressed) prefix: their first block's inputs are ``first_hat``
+            outer_step(chain.after, lambda m: replayed(m, chain, first_hat, outs),
                        lambda m: replayed(m, chain, first_hat, outs_hat))
     return done
 
