@@ -41,7 +41,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("layers", "graph", "calibration", "latency"),  # model analysis
     3: ("modules", "families"),  # families
     4: ("curves", "allocators"),  # allocation
-    5: ("realize", "sequential", "pipeline", "result", "io"),  # pipeline
+    5: ("realize", "sequential", "stream", "pipeline", "result", "io"),  # pipeline
     6: ("retrain", "refine", "finetune", "distill"),  # workflows
     7: ("api", "__init__"),  # front door
     8: ("apps",),  # applications: the core never imports them
