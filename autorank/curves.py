@@ -250,9 +250,10 @@ def attach_latency(
     is returned in ``skipped``.  Then :func:`autorank.latency.split_latency` measures the
     whole model and everything but the layers with curves.
 
-    Returns ``(curves, skipped, split)``: ``split`` holds ``whole_s``, ``whole_iqr_s``,
-    ``rest_s`` (the time of everything not compressed), ``layers_s`` (sum of the dense
-    layers' times), ``predicted_s = rest_s + layers_s`` and the timing counts.
+    Returns ``(curves, skipped, split)``: ``split`` holds ``whole_s`` and ``whole_iqr_s``
+    (median and IQR of the whole model), ``whole_min_s``, ``rest_s`` (the time of everything
+    not compressed, best of the rounds like the candidate times), ``layers_s`` (sum of the
+    dense layers' times), ``predicted_s = rest_s + layers_s`` and the timing counts.
     """
     config = config or LatencyConfig()
     cache = LatencyCache(config.cache)
@@ -287,8 +288,8 @@ def attach_latency(
     split = split_latency(model, names, example_inputs, config.repeats, config.warmup, config.threads,
                           config.min_time_s)
     info = {"whole_s": split["whole"]["median_s"], "whole_iqr_s": split["whole"]["iqr_s"],
-            "rest_s": split["rest"]["median_s"], "layers_s": layers_s,
-            "predicted_s": split["rest"]["median_s"] + layers_s, "threads": config.threads, **counts}
+            "whole_min_s": split["whole"]["min_s"], "rest_s": split["rest"]["min_s"], "layers_s": layers_s,
+            "predicted_s": split["rest"]["min_s"] + layers_s, "threads": config.threads, **counts}
     log.info("latency: whole model %.3f ms; everything not compressed %.3f ms + dense layers %.3f ms = %.3f ms; "
              "%d candidates timed, %d cached, %d interpolated", info["whole_s"] * 1e3, info["rest_s"] * 1e3,
              layers_s * 1e3, info["predicted_s"] * 1e3, counts["timed"], counts["cached"], counts["interpolated"])

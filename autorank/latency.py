@@ -13,8 +13,10 @@ gives every candidate of one layer a measured forward time on the layer's real i
 
 * *interleaved and normalised*: candidates are timed in chunks; every round of a chunk
   times the dense layer and each candidate once, and a candidate's time is
-  ``median(t_cand) / median(t_dense in its chunk) * median(t_dense over all chunks)``,
-  so a change of machine load between chunks cancels;
+  ``min_rounds(t_cand) / min_rounds(t_dense in its chunk) * min(t_dense over all chunks)``.
+  On a shared machine the noise is additive and positive (the process is preempted), so
+  the best of the rounds is the estimate least moved by it, and the ratio to dense
+  timed alongside cancels a change of load between chunks;
 * *a grid of ranks*: for a family with a ``rank`` hyperparameter only the ranks of
   :func:`rank_grid` are timed (the other hyperparameters fixed); every other rank gets
   :func:`step_up`, the time of the next timed rank up after a running maximum, which
@@ -281,7 +283,7 @@ def split_latency(model: nn.Module, names: Sequence[str], example_inputs: Any, r
     which each named layer is a replay of the outputs it produced on ``example_inputs``, so
     every other module computes on the same tensors and the named layers cost nothing.
     ``model`` itself is not changed.  Returns ``{"whole": summary, "rest": summary}``
-    (:func:`measure_latency`'s keys).
+    (:func:`measure_latency`'s keys; the tables use ``min_s``, as the candidate times do).
     """
     _check_counts(repeats, warmup, threads)
     _, outs = layer_io(model, list(names), example_inputs, outputs=True)
@@ -513,13 +515,13 @@ def _time_candidates(module: nn.Module, x: torch.Tensor, todo: Sequence[tuple[st
                 i += 1
             fns = [lambda: module(x)] + [(lambda m: (lambda: m(x)))(m) for _, m in chunk]
             t = time_callables(fns, repeats, warmup, threads, dev, min_time_s)
-            dense_med = float(np.median(t[0]))
+            dense_min = float(t[0].min())
             dense_all.append(t[0])
-            for (name, _), row in zip(chunk, t[1:]):
-                ratios[name] = float(np.median(row)) / dense_med if dense_med > 0 else 1.0
+            for (name, _), row in zip(chunk, t[1:]):  # best of the rounds, relative to dense in the same chunk
+                ratios[name] = float(row.min()) / dense_min if dense_min > 0 else 1.0
             del chunk, fns
             if i >= len(cands):
                 break
     finally:
         module.train(was_training)
-    return float(np.median(np.concatenate(dense_all))), ratios
+    return float(np.concatenate(dense_all).min()), ratios

@@ -339,6 +339,7 @@ class CompressStep:
         before = prep.latency["whole_s"]
         plan.totals.update(latency=lat["median_s"], latency_before=before, latency_iqr=lat["iqr_s"],
                            latency_before_iqr=prep.latency["whole_iqr_s"],
+                           latency_min=lat["min_s"], latency_before_min=prep.latency["whole_min_s"],
                            latency_predicted=predicted * before / prep.total, latency_threads=cfg.threads)
         ratio = lat["median_s"] / before
         spread = (lat["iqr_s"] + prep.latency["whole_iqr_s"]) / before
