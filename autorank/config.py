@@ -180,6 +180,8 @@ class LatencyConfig:
                    next one at least ``grid_ratio`` times the last; the rest are interpolated upwards.
     grid_linear:   see ``grid_ratio``.
     final_repeats: passes of the realised model that are timed at the end.
+    clock:         ``"auto"`` (the thread's CPU time on a CPU with ``threads=1``, where it is the
+                   latency on an unloaded core; wall-clock time otherwise), ``"wall"`` or ``"cpu"``.
     cache:         a directory for the measured tables (keyed by device, dtype, threads, layer
                    geometry and input shape), or None for no cache.
     """
@@ -191,6 +193,7 @@ class LatencyConfig:
     grid_ratio: float = 1.25
     grid_linear: int = 8
     final_repeats: int = 20
+    clock: str = "auto"
     cache: Any = ".cache/autorank/latency"
 
     def __post_init__(self) -> None:
@@ -199,6 +202,7 @@ class LatencyConfig:
         check_count("LatencyConfig.warmup", self.warmup, low=0)
         check_count("LatencyConfig.grid_linear", self.grid_linear)
         check_count("LatencyConfig.final_repeats", self.final_repeats)
+        check_choice("LatencyConfig.clock", self.clock, ("auto", "wall", "cpu"))
         if isinstance(self.min_time_s, bool) or not isinstance(self.min_time_s, (int, float)) \
                 or not 0 <= self.min_time_s < math.inf:
             raise ValueError(f"LatencyConfig.min_time_s must be a finite number >= 0, got {self.min_time_s!r}")

@@ -274,7 +274,7 @@ def attach_latency(
         seconds, stats = latency_column(
             module, inputs[name], cands, lambda fam, hyper: get_family(fam).skeleton(module, hyper),
             threads=config.threads, repeats=config.repeats, warmup=config.warmup, min_time_s=config.min_time_s,
-            grid_linear=config.grid_linear, grid_ratio=config.grid_ratio, cache=cache)
+            grid_linear=config.grid_linear, grid_ratio=config.grid_ratio, cache=cache, clock=config.clock)
         for k in counts:
             counts[k] += stats[k]
         seconds = seconds * max(lc.info.calls, 1)
@@ -286,7 +286,7 @@ def attach_latency(
             continue
         out[name] = timed.select(faster)
     split = split_latency(model, names, example_inputs, config.repeats, config.warmup, config.threads,
-                          config.min_time_s)
+                          config.min_time_s, config.clock)
     info = {"whole_s": split["whole"]["median_s"], "whole_iqr_s": split["whole"]["iqr_s"],
             "whole_min_s": split["whole"]["min_s"], "rest_s": split["rest"]["min_s"], "layers_s": layers_s,
             "predicted_s": split["rest"]["min_s"] + layers_s, "threads": config.threads, **counts}

@@ -29,7 +29,9 @@ gives every candidate of one layer a measured forward time on the layer's real i
 :func:`split_latency` measures the whole model and the model with the compressible layers
 replaced by replays of their recorded outputs (the time of everything that is not
 compressed), interleaved.  On CUDA every timed sample is bracketed by
-``torch.cuda.synchronize``.
+``torch.cuda.synchronize``.  With one thread on a CPU the tables use the calling thread's CPU
+time (:func:`resolve_clock`): on a shared machine it does not count the time spent waiting
+for a core.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from .nested import run_model
 from .plan import Plan
 from .validate import check_count
 
-__all__ = ["measure_latency", "layer_latencies", "time_callables", "layer_io", "split_latency", "rank_grid",
+__all__ = ["measure_latency", "layer_latencies", "time_callables", "resolve_clock", "CLOCKS", "layer_io", "split_latency", "rank_grid",
            "step_up", "latency_column", "LatencyCache", "LATENCY_CACHE_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -81,9 +83,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = ("wall", "cpu", "auto")
+
+
+def resolve_clock(clock: str, device: torch.device | str | None, threads: int | None) -> str:
+    """``"auto"`` is ``"cpu"`` (the calling thread's CPU time) on a CPU with ``threads=1``, else ``"wall"``.
+
+    With one intra-op thread the whole forward pass runs on the calling thread, so its CPU
+    time is the latency the pass would have on an unloaded core, and time spent waiting for
+    a core that other processes hold is not counted.  On CUDA, or with several threads, only
+    wall-clock time is the latency.
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if clock != "auto":
+        return clock
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return "cpu" if dev.type == "cpu" and threads == 1 else "wall"
+
+
 def time_callables(fns: Sequence[Callable[[], Any]], repeats: int = 7, warmup: int = 1,
                    threads: int | None = None, device: torch.device | str | None = None,
-                   min_time_s: float = 0.0) -> np.ndarray:
+                   min_time_s: float = 0.0, clock: str = "wall") -> np.ndarray:
     """Seconds per call of each of ``fns``, timed in interleaved rounds: an array ``(len(fns), repeats)``.
 
     Every round calls each function once in turn (``warmup`` untimed rounds first).  A
@@ -91,9 +112,12 @@ def time_callables(fns: Sequence[Callable[[], Any]], repeats: int = 7, warmup: i
     the first warm-up call so that a sample lasts at least ``min_time_s``.  On a CUDA
     ``device`` each sample is bracketed by ``torch.cuda.synchronize``.  Runs under
     ``torch.no_grad()``; ``threads`` fixes ``torch.set_num_threads`` (restored afterwards).
+    ``clock``: ``"wall"`` (``time.perf_counter``), ``"cpu"`` (``time.thread_time``, the calling
+    thread's CPU time) or ``"auto"`` (:func:`resolve_clock`).
     """
     _check_counts(repeats, warmup, threads)
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    now = time.thread_time if resolve_clock(clock, dev, threads) == "cpu" else time.perf_counter
     old_threads = torch.get_num_threads()
     out = np.empty((len(fns), repeats))
     try:
@@ -103,21 +127,21 @@ def time_callables(fns: Sequence[Callable[[], Any]], repeats: int = 7, warmup: i
             inner = []
             for fn in fns:  # one call each: compiles/allocates, and sizes the inner loop
                 _sync(dev)
-                t = time.perf_counter()
+                t = now()
                 fn()
                 _sync(dev)
-                dt = time.perf_counter() - t
+                dt = now() - t
                 inner.append(max(1, math.ceil(min_time_s / dt)) if dt > 0 and min_time_s > 0 else 1)
             for r in range(warmup + repeats):
                 for i, fn in enumerate(fns):
                     n = inner[i]
                     _sync(dev)
-                    t = time.perf_counter()
+                    t = now()
                     for _ in range(n):
                         fn()
                     _sync(dev)
                     if r >= warmup:
-                        out[i, r - warmup] = (time.perf_counter() - t) / n
+                        out[i, r - warmup] = (now() - t) / n
     finally:
         torch.set_num_threads(old_threads)
     return out
@@ -135,6 +159,7 @@ def measure_latency(
     repeats: int = 20,
     warmup: int = 3,
     threads: int | None = None,
+    clock: str = "wall",
 ) -> dict[str, Any]:
     """Median and IQR (seconds) of ``repeats`` forward passes of ``model`` on ``example_inputs``.
 
@@ -147,6 +172,7 @@ def measure_latency(
         warmup: untimed passes first (>= 0).
         threads: fix ``torch.set_num_threads`` during the measurement (restored after);
             ``None`` keeps the current setting.
+        clock: ``"wall"``, ``"cpu"`` or ``"auto"`` (:func:`time_callables`).
 
     Returns:
         ``{"median_s", "iqr_s", "q25_s", "q75_s", "min_s", "repeats", "threads"}``.
@@ -159,7 +185,7 @@ def measure_latency(
     try:
         model.eval()
         times = time_callables([lambda: run_model(model, example_inputs)], repeats, warmup, threads,
-                               _device_of(model))[0]
+                               _device_of(model), clock=clock)[0]
     finally:
         model.train(was_training)
     return _summary(times, repeats, used)
@@ -276,7 +302,8 @@ class _Replay(nn.Module):
 
 
 def split_latency(model: nn.Module, names: Sequence[str], example_inputs: Any, repeats: int = 7,
-                  warmup: int = 1, threads: int | None = None, min_time_s: float = 0.0) -> dict[str, Any]:
+                  warmup: int = 1, threads: int | None = None, min_time_s: float = 0.0,
+                  clock: str = "wall") -> dict[str, Any]:
     """The whole model's latency and that of everything but the layers ``names``, interleaved.
 
     "The rest" is a structural copy of the model (sharing its parameters and buffers) in
@@ -297,7 +324,7 @@ def split_latency(model: nn.Module, names: Sequence[str], example_inputs: Any, r
         model.eval()
         rest.eval()
         t = time_callables([lambda: run_model(model, example_inputs), lambda: run_model(rest, example_inputs)],
-                           repeats, warmup, threads, _device_of(model), min_time_s)
+                           repeats, warmup, threads, _device_of(model), min_time_s, clock)
     finally:
         model.train(was_training)
     return {"whole": _summary(t[0], repeats, used), "rest": _summary(t[1], repeats, used)}
@@ -427,6 +454,7 @@ def latency_column(
     grid_ratio: float = 1.25,
     cache: LatencyCache | None = None,
     chunk_params: int | None = None,
+    clock: str = "wall",
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Seconds per call of each candidate ``(family, hyper)`` of one layer on its input ``x``.
 
@@ -443,7 +471,8 @@ def latency_column(
     check_count("threads", threads)
     _check_counts(repeats, warmup, threads)
     cache = cache or LatencyCache(None)
-    key = LatencyCache.key(module, x, threads)
+    clock = resolve_clock(clock, _device_of(module), threads)
+    key = {**LatencyCache.key(module, x, threads), "clock": clock}
     known = cache.load(key)
     names = [_entry(f, h) for f, h in candidates]
     # which entries must be measured: dense, every rank-free candidate, the grid of each rank series
@@ -468,7 +497,8 @@ def latency_column(
     todo = [(n, fh) for n, fh in need.items() if n not in known]
     stats = {"timed": len(todo), "cached": len(need) - len(todo), "interpolated": 0}
     if todo:
-        dense, ratios = _time_candidates(module, x, todo, build, threads, repeats, warmup, min_time_s, chunk_params)
+        dense, ratios = _time_candidates(module, x, todo, build, threads, repeats, warmup, min_time_s, chunk_params,
+                                         clock)
         dense_name = _entry("dense", {})
         known.setdefault(dense_name, dense)  # times already cached stay relative to the dense time cached with them
         known.update({n: r * known[dense_name] for n, r in ratios.items()})
@@ -489,7 +519,7 @@ def latency_column(
 
 def _time_candidates(module: nn.Module, x: torch.Tensor, todo: Sequence[tuple[str, tuple[str, Mapping[str, int]]]],
                      build: Callable[[str, Mapping[str, int]], nn.Module], threads: int, repeats: int, warmup: int,
-                     min_time_s: float, chunk_params: int | None) -> tuple[float, dict[str, float]]:
+                     min_time_s: float, chunk_params: int | None, clock: str) -> tuple[float, dict[str, float]]:
     """Dense seconds per call, and each candidate's median time as a ratio to dense in its chunk."""
     dense_name = _entry("dense", {})
     dev = _device_of(module)
@@ -514,7 +544,7 @@ def _time_candidates(module: nn.Module, x: torch.Tensor, todo: Sequence[tuple[st
                 size += numel
                 i += 1
             fns = [lambda: module(x)] + [(lambda m: (lambda: m(x)))(m) for _, m in chunk]
-            t = time_callables(fns, repeats, warmup, threads, dev, min_time_s)
+            t = time_callables(fns, repeats, warmup, threads, dev, min_time_s, clock)
             dense_min = float(t[0].min())
             dense_all.append(t[0])
             for (name, _), row in zip(chunk, t[1:]):  # best of the rounds, relative to dense in the same chunk

@@ -331,11 +331,11 @@ class CompressStep:
     def _check_latency(self, work: nn.Module, plan: Plan, prep: Prepared, budget: float, predicted: float) -> None:
         """Time the realised model (median of repeats and IQR) into ``plan.totals``; warn when over budget.
 
-        The ratio is against the original's time measured in :meth:`prepare` (not interleaved
-        with this one, so machine load between the two shows up in it).
+        The ratio is against the original's time measured in :meth:`prepare` with the same clock
+        (not interleaved with this one, so a change of machine load between the two shows up in it).
         """
         cfg = self.settings.compression.latency
-        lat = measure_latency(work, self.example_inputs, cfg.final_repeats, cfg.warmup, cfg.threads)
+        lat = measure_latency(work, self.example_inputs, cfg.final_repeats, cfg.warmup, cfg.threads, cfg.clock)
         before = prep.latency["whole_s"]
         plan.totals.update(latency=lat["median_s"], latency_before=before, latency_iqr=lat["iqr_s"],
                            latency_before_iqr=prep.latency["whole_iqr_s"],
