@@ -171,7 +171,7 @@ class Sleepy(nn.Module):
         return self.inner(x)
 
 
-@pytest.mark.parametrize("clock", ["wall", "cpu"])
+@pytest.mark.parametrize("clock", [pytest.param("wall", marks=pytest.mark.slow), "cpu"])
 def test_a_factorisation_slower_than_dense_is_never_chosen(tmp_path, monkeypatch, clock):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 384))  # geometries differ: two cache keys
@@ -253,15 +253,12 @@ def test_conv_pair_in_channels_last():
 
 def test_factorised_modules_under_torch_compile():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 32),
-                          nn.ReLU(), nn.Linear(32, 10))
+    model = nn.Sequential(GroupedLowRankConv.from_dense(nn.Conv2d(8, 16, 3, padding=1), rank=4, groups=2), nn.ReLU(),
+                          nn.Flatten(), GroupedLowRankLinear(16 * 6 * 6, 10, rank=8, groups=4)).eval()
     x = torch.randn(2, 8, 6, 6)
-    result = autorank.optimize(model, 0.5, x, compression=Compression(curves=CurveConfig(groups=(2,))))
-    kinds = {type(m).__name__ for m in result.model.modules()}
-    assert {"GroupedLowRankConv", "GroupedLowRankLinear"} <= kinds
-    compiled = torch.compile(result.model, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break allowed
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), result.model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
