@@ -65,16 +65,21 @@ _DASHES = ("-", "--", "-.", ":")
 def metric_vs_budget_figure(state: Mapping[str, Any]):
     """Quality vs size of every sweep row: a params axis and a MACs axis, one line per method.
 
+    A sweep with ``metric = "latency"`` gets a third axis: quality vs the measured latency.
+
     The Pareto front over all methods is drawn as a dashed black line with open markers,
     and the original model as a grey horizontal line (when it was evaluated).
     """
     rows = [r for r in state.get("rows", []) if r.get("status") == "ok"]
     base = state.get("baseline") or {}
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig = _figure(11, 4.4)
-    axes = fig.subplots(1, 2)
+    panels = [("params", "parameters"), ("flops", "MACs")]
+    if (state.get("config") or {}).get("metric") == "latency":  # a latency sweep: quality vs measured latency too
+        panels.append(("latency_ms", "latency (ms)"))
+    fig = _figure(5.5 * len(panels), 4.4)
+    axes = fig.subplots(1, len(panels))
     label, higher = "metric", True
-    for ax, key, unit in ((axes[0], "params", "parameters"), (axes[1], "flops", "MACs")):
+    for ax, (key, unit) in zip(axes, panels):
         for i, m in enumerate(methods):
             mr = sorted((r for r in rows if r["method"] == m), key=lambda r: r[key])
             ys = [_quality(r)[0] for r in mr]
