@@ -39,7 +39,8 @@ from .result import OptimizeResult
 from .sequential import sequential_refit
 from .solver import network_bound
 
-__all__ = ["Settings", "CompressStep", "Prepared", "make_plan", "fixed_cost", "measure_totals"]
+__all__ = ["Settings", "CompressStep", "Prepared", "make_plan", "fixed_cost", "measure_totals",
+           "record_built_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,24 @@ def make_plan(
         max_error=float(errs.max()) if len(errs) else 0.0, network_bound=network_bound(errs),
         config=dict(config or {}),
     )
+
+
+def record_built_errors(plan: Plan, model: nn.Module) -> None:
+    """Set the error of each layer whose realised module measured its own (``fit_error``) to that.
+
+    A family may refine its factors at build time beyond what its candidate's closed form
+    describes (Tucker-2: HOOI, kept only where it lowers the error); the plan then reports
+    the error of what was built, and its ``max_error`` and ``network_bound`` follow.
+    """
+    changed = False
+    for name, lp in plan.layers.items():
+        err = getattr(model.get_submodule(name), "fit_error", None) if lp.compressed else None
+        if err is not None and float(err) != lp.error:
+            lp.error = float(err)
+            changed = True
+    if changed:
+        errs = np.array([lp.error for lp in plan.layers.values()])
+        plan.max_error, plan.network_bound = float(errs.max()), network_bound(errs)
 
 
 # ---- the settings --------------------------------------------------------------------------------
@@ -306,6 +325,7 @@ class CompressStep:
         metric = self.metric
         plan = self.plan(prep, picked, budget, solver)
         timings = {**timings, **self.build(work, prep, plan)}
+        record_built_errors(plan, work)
         t = time.perf_counter()
         measured = measure_totals(prep.graph, work, self.example_inputs)
         timings["measure"] = time.perf_counter() - t

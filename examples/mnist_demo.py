@@ -107,6 +107,7 @@ def plot(results: dict, base: float, path: Path) -> Path:
         ax2.bar([x + i * width for x in range(len(names))], frac, width, label=f"budget {budget}")
     ax2.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(names))])
     ax2.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax2.set_xlabel("layer")
     ax2.set_ylabel("kept fraction of the layer's parameters")
     ax2.set_title("per-layer allocation chosen by ALDS")
     ax2.legend(fontsize=8)
