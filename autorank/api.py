@@ -103,7 +103,8 @@ def optimize(
             counting the parameters (or FLOPs) that cannot be compressed.
         example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword
             inputs; one forward pass is run to find the layers and their output sizes.
-        metric: ``"params"`` or ``"flops"`` (multiply-accumulates over ``example_inputs``).
+        metric: ``"params"``, ``"flops"`` (multiply-accumulates over ``example_inputs``) or
+            ``"latency"`` (measured forward time on ``example_inputs``, docs/latency.md).
         calibration: an iterable of input batches (in the form of ``example_inputs``) for
             data-aware compression: every error becomes ``||(W - W_hat) X||_F / ||W X||_F`` on
             these inputs and SVD factors are whitened (:mod:`autorank.calibration`); ``data``

@@ -30,9 +30,10 @@ from .allocators import allocate, resolve_allocator
 from .calibration import collect_moments, collect_output_moments
 from .config import (OUTPUT_MOMENTS_LIMIT, OUTPUT_PARTS, Compression, CurveConfig, DataAware, SolverConfig, as_config,
                      check_metric, resolve_data_parts)
-from .curves import LayerCurves, build_curves
+from .curves import LayerCurves, attach_latency, build_curves
 from .families import get_family
 from .graph import LayerGraph, analyze, count_flops, count_params
+from .latency import measure_latency
 from .plan import LayerPlan, Plan
 from .progress import progress_scope, stage
 from .realize import realize
@@ -49,9 +50,10 @@ log = logging.getLogger(__name__)
 
 # ---- plan arithmetic ---------------------------------------------------------------------------
 
-def fixed_cost(curves: Mapping[str, LayerCurves], metric: str, total: int) -> int:
+def fixed_cost(curves: Mapping[str, LayerCurves], metric: str, total: float) -> float:
     """The part of ``total`` outside the layers that have curves (it counts towards the budget as is)."""
-    return total - sum(lc.info.dense_params if metric == "params" else lc.info.dense_flops
+    return total - sum(float(lc.cost(metric)[0]) if metric == "latency" else
+                       lc.info.dense_params if metric == "params" else lc.info.dense_flops
                        for lc in curves.values())
 
 
@@ -140,7 +142,7 @@ def warn_thin_calibration(moments: Mapping[str, Any]) -> None:
 class Settings:
     """Everything that was asked of one compression, as plain data (JSON: :meth:`to_dict`).
 
-    metric:      ``"params"`` or ``"flops"``: what the budget is a fraction of.
+    metric:      ``"params"``, ``"flops"`` or ``"latency"``: what the budget is a fraction of.
     compression: :class:`autorank.Compression` (what to compress, candidates, allocator, solver).
     data:        :class:`autorank.DataAware` (how calibration data is used).
     """
@@ -211,6 +213,7 @@ class Prepared:
     outputs: dict[str, Any] | None = None
     heavy: bool = False  # the output moments would not fit: the output-aware parts default to off
     streamed: Streamed | None = None  # pass 1 of the block-by-block path, for its pass 2 (autorank.stream)
+    latency: dict[str, Any] | None = None  # metric="latency": the whole model's and the rest's times
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,8 @@ class CompressStep:
             why = "; ".join(f"{n}: {r}" for n, r in list(graph.skipped.items())[:5]) or "no Linear/Conv1d/Conv2d layer"
             raise ValueError(f"{type(work).__name__} has no compressible layer ({why})")
         total = graph.total_params if metric == "params" else graph.total_flops
+        if metric == "latency":
+            total = graph.total_flops or 1  # the time is measured after the curves are built
         if total <= 0:
             raise ValueError(f"the model's total {metric} on example_inputs is {total}; nothing to budget")
         moments = outputs = streamed = None
@@ -322,9 +327,21 @@ class CompressStep:
             warn_thin_calibration(moments)
         if not layer_curves:
             raise ValueError(f"{type(work).__name__} has no layer whose factorisation is cheaper than dense")
+        latency = None
+        if metric == "latency":
+            t = time.perf_counter()
+            layer_curves, slow, latency = attach_latency(work, layer_curves, self.example_inputs, comp.latency,
+                                                         self.progress)
+            no_gain = {**no_gain, **slow}
+            timings["latency"] = time.perf_counter() - t
+            if not layer_curves:
+                raise ValueError(f"{type(work).__name__} has no layer whose factorisation measures faster than dense")
+            # the budget is a fraction of the predicted original: the rest plus every dense layer's time
+            total = latency["rest_s"] + sum(float(lc.latency[0]) for lc in layer_curves.values())
+            latency["predicted_s"] = total
         return Prepared(graph=graph, curves=layer_curves, skipped={**graph.skipped, **no_gain}, total=total,
                         fixed=fixed_cost(layer_curves, metric, total), moments=moments, timings=timings,
-                        outputs=outputs, heavy=heavy, streamed=streamed)
+                        outputs=outputs, heavy=heavy, streamed=streamed, latency=latency)
 
     # -- stage 2
     def choose(self, work: nn.Module, prep: Prepared, budget: float, *, curves: Mapping[str, LayerCurves] | None = None,
@@ -393,17 +410,41 @@ class CompressStep:
         plan.totals = measured
         total = prep.total
         predicted = prep.fixed + sum(float(prep.curves[n].cost(metric)[i]) for n, i in picked.items())
-        if measured[metric] != round(predicted):
+        if metric == "latency":
+            self._check_latency(work, plan, prep, budget, predicted)
+        elif measured[metric] != round(predicted):
             log.warning("measured %s (%d) differ from the plan's prediction (%d)", metric, measured[metric], predicted)
-        if measured[metric] > budget * total * (1 + 1e-9):
+        if metric != "latency" and measured[metric] > budget * total * (1 + 1e-9):
             raise RuntimeError(
                 f"internal error: the realised model has {measured[metric]:,} {metric}, over the budget "
                 f"{budget:g} x {total:,}; please report this with the model"
             )
         timings["total"] = time.perf_counter() - t0
+        achieved = plan.totals[metric] / plan.totals[f"{metric}_before"] if metric == "latency" else \
+            measured[metric] / total
         log.info("optimize: %s budget %.3f -> %.4f measured, largest error %.4f, %.2fs",
-                 metric, budget, measured[metric] / total, worst, timings["total"])
+                 metric, budget, achieved, worst, timings["total"])
         return OptimizeResult(model=work, plan=plan, graph=prep.graph, curves=prep.curves, timings=timings)
+
+    def _check_latency(self, work: nn.Module, plan: Plan, prep: Prepared, budget: float, predicted: float) -> None:
+        """Time the realised model (median of repeats and IQR) into ``plan.totals``; warn when over budget.
+
+        The ratio is against the original's time measured in :meth:`prepare` with the same clock
+        (not interleaved with this one, so a change of machine load between the two shows up in it).
+        """
+        cfg = self.settings.compression.latency
+        lat = measure_latency(work, self.example_inputs, cfg.final_repeats, cfg.warmup, cfg.threads, cfg.clock)
+        before = prep.latency["whole_s"]
+        plan.totals.update(latency=lat["median_s"], latency_before=before, latency_iqr=lat["iqr_s"],
+                           latency_before_iqr=prep.latency["whole_iqr_s"],
+                           latency_min=lat["min_s"], latency_before_min=prep.latency["whole_min_s"],
+                           latency_predicted=predicted * before / prep.total, latency_threads=cfg.threads)
+        ratio = lat["median_s"] / before
+        spread = (lat["iqr_s"] + prep.latency["whole_iqr_s"]) / before
+        if ratio > budget + spread:
+            log.warning("measured latency %.3f ms is %.3f of the original %.3f ms, over the budget %.3f by more than "
+                        "the measurement spread (IQR %.3f); the machine may be loaded", lat["median_s"] * 1e3, ratio,
+                        before * 1e3, budget, spread)
 
     def __call__(self, work: nn.Module, budget: float, prepared: Prepared | None = None,
                  cache: dict[str, Any] | None = None) -> OptimizeResult:

@@ -124,6 +124,10 @@ class Plan:
                     mark = "  <- budget metric" if key == self.metric else ""
                     lines.append(f"{label:>6}: {before:,} -> {after:,}  ({after / before:.4f} of original)"
                                  f"{mark}")
+            if t.get("latency_before"):
+                lines.append(f"latency: {t['latency_before'] * 1e3:.3f} ms -> {t['latency'] * 1e3:.3f} ms "
+                             f"(IQR {t.get('latency_iqr', 0.0) * 1e3:.3f} ms; {t['latency'] / t['latency_before']:.4f}"
+                             f" of original; predicted {t.get('latency_predicted', 0.0) * 1e3:.3f} ms)")
             before = t.get(f"{self.metric}_before")
             if before:
                 ratio = t[self.metric] / before

@@ -135,6 +135,8 @@ def _quality_panel(ax, rows, methods, key: str, unit: str, base: Mapping[str, An
 def metric_vs_budget_figure(state: Mapping[str, Any]):
     """Quality vs size of every sweep row: a params axis and a MACs axis, one line per method.
 
+    A sweep with ``metric = "latency"`` gets a third axis: quality vs the measured latency.
+
     The Pareto front over all methods is drawn as a dashed black line with open markers,
     and the original model as a grey horizontal line (when it was evaluated).  When one
     method's values are far from the others' (see :func:`zoom_range`), a second row of
@@ -145,9 +147,12 @@ def metric_vs_budget_figure(state: Mapping[str, Any]):
     methods = list(dict.fromkeys(r["method"] for r in rows))
     label, higher = _quality(rows[0])[1:] if rows else ("metric", True)
     zoom = zoom_range(rows, higher, base.get("metric") if higher else None)
-    fig = _figure(11, 8.4 if zoom else 4.4)
-    axes = fig.subplots(2 if zoom else 1, 2, squeeze=False)
-    for col, (key, unit) in enumerate((("params", "parameters"), ("flops", "MACs"))):
+    panels = [("params", "parameters"), ("flops", "MACs")]
+    if (state.get("config") or {}).get("metric") == "latency":  # a latency sweep: quality vs measured latency too
+        panels.append(("latency_ms", "latency (ms)"))
+    fig = _figure(5.5 * len(panels), 8.4 if zoom else 4.4)
+    axes = fig.subplots(2 if zoom else 1, len(panels), squeeze=False)
+    for col, (key, unit) in enumerate(panels):
         _quality_panel(axes[0][col], rows, methods, key, unit, base, label, higher)
         if zoom:
             _quality_panel(axes[1][col], rows, methods, key, unit, base, label, higher, ylim=zoom)
