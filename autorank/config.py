@@ -245,7 +245,7 @@ class Compression:
 
 
 #: the parts of the data-aware recipe, in the order they act (see docs/data_aware.md)
-DATA_PARTS = ("output_weighting", "output_allocation", "sequential")
+DATA_PARTS = ("output_weighting", "output_allocation", "sequential", "streaming")
 
 
 @dataclass(frozen=True)
@@ -261,6 +261,10 @@ class DataAware:
                        which weighs each layer by how much its error moves the model's output.
     sequential:        refit the factorised layers in execution order to the original layers'
                        outputs on the compressed model's own inputs (:mod:`autorank.sequential`).
+    streaming:         calibrate and build block by block on a model that is a chain of blocks
+                       (a transformer), one block's moments in memory at a time
+                       (:mod:`autorank.stream`); by default whenever the chain is found and checks
+                       out, ``True`` makes a model without one an error.
     output:            ``fn(model_output) -> Tensor``: the output the output-aware parts measure
                        (default: the primary output tensor); not recorded in JSON.
     """
@@ -268,6 +272,7 @@ class DataAware:
     output_weighting: bool | None = None
     output_allocation: bool | None = None
     sequential: bool | None = None
+    streaming: bool | None = None
     output: Any = None
     version: int = field(default=1, init=False)
 
@@ -289,21 +294,29 @@ class DataAware:
 
 
 #: the default of each data-aware part when calibration data is given and the part is None
-DATA_DEFAULTS = {"output_weighting": True, "output_allocation": True, "sequential": True}
+DATA_DEFAULTS = {"output_weighting": True, "output_allocation": True, "sequential": True, "streaming": True}
+
+#: the parts that need the output moments of every layer at once (``8 f^2`` bytes per layer): by default
+#: they are off on a model where those would take more than :data:`OUTPUT_MOMENTS_LIMIT` bytes and more
+#: than half the model's own bytes (see :func:`resolve_data_parts`)
+OUTPUT_PARTS = ("output_weighting", "output_allocation")
+OUTPUT_MOMENTS_LIMIT = 512 * 2 ** 20
 
 
-def resolve_data_parts(data: DataAware, calibrated: bool) -> dict[str, bool]:
+def resolve_data_parts(data: DataAware, calibrated: bool, heavy: bool = False) -> dict[str, bool]:
     """Which parts of the data-aware recipe run: the explicit choices, else :data:`DATA_DEFAULTS`.
 
     Without calibration data every part is off, and asking for one is a ``ValueError``.
+    ``heavy``: the output moments would not fit (:data:`OUTPUT_PARTS`); the output-aware
+    parts left at ``None`` are then off.
     """
     if not calibrated:
         asked = [name for name in DATA_PARTS if getattr(data, name) is True]
         if asked:
             raise ValueError(f"DataAware.{asked[0]}=True uses calibration data: pass calibration=...")
         return {name: False for name in DATA_PARTS}
-    return {name: DATA_DEFAULTS[name] if getattr(data, name) is None else getattr(data, name)
-            for name in DATA_PARTS}
+    return {name: (DATA_DEFAULTS[name] and not (heavy and name in OUTPUT_PARTS)) if getattr(data, name) is None
+            else getattr(data, name) for name in DATA_PARTS}
 
 
 SCHEDULE_NAMES = ("one-shot", "linear", "geometric")

@@ -189,8 +189,9 @@ def build_curves(
             return build_layer_curves(modules[it[0]], it[1], config, metric)
         return build_layer_curves(modules[it[0]], it[1], config, metric, mom.matrix, mom.output_matrix)
 
-    built = parallel_map(one, items,
-                         weight=lambda it: it[1].weight_params, desc="error curves", progress=progress)
+    built = parallel_map(one, items, weight=lambda it: it[1].weight_params,
+                         desc=f"error curves ({', '.join(config.families)})", progress=progress,
+                         note=lambda it: it[0], unit="layer")
     curves: dict[str, LayerCurves] = {}
     skipped: dict[str, str] = {}
     for (name, _), lc in zip(items, built):
