@@ -17,7 +17,6 @@ schedule are both written from :meth:`Settings.record`.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from .curves import LayerCurves, build_curves
 from .families import get_family
 from .graph import LayerGraph, analyze, count_flops, count_params
 from .plan import LayerPlan, Plan
-from .realize import realize
+from .realize import (check_finite_parameters, copy_model, find_outside_reads, preserve_rng, realize,
+                      restore_on_error)
 from .result import OptimizeResult
 from .sequential import sequential_refit
 from .solver import network_bound
@@ -211,6 +211,12 @@ class CompressStep:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         graph = analyze(work, self.example_inputs, comp.exclude, embeddings=comp.embeddings)
+        check_finite_parameters(work)
+        # a parent whose forward reads a layer's own attributes (self.fc.weight.sum()) needs that layer dense
+        for name, attr in find_outside_reads(work, list(graph.layers), self.example_inputs).items():
+            del graph.layers[name]
+            graph.skipped[name] = (f"the forward of its parent reads its .{attr} directly, which a factorised "
+                                   "replacement does not have")
         timings["analyze"] = time.perf_counter() - t
         if not graph.layers:
             why = "; ".join(f"{n}: {r}" for n, r in list(graph.skipped.items())[:5]) or "no Linear/Conv1d/Conv2d layer"
@@ -222,6 +228,11 @@ class CompressStep:
         if self.calibrated:
             t = time.perf_counter()
             moments = collect_moments(work, graph.layers, self.calibration, self.progress)
+            zero = [n for n, m in moments.items() if m.count and not bool(m.sum.abs().max() > 0)]
+            if zero:
+                log.warning("the calibration inputs of %d layer(s) are all zero (%s): their data-aware errors are "
+                            "0/0 and the plan chosen for them is degenerate; check the calibration data",
+                            len(zero), ", ".join(zero[:5]))
             timings["calibration"] = time.perf_counter() - t
             if self.parts["output_weighting"]:
                 t = time.perf_counter()
@@ -266,20 +277,22 @@ class CompressStep:
                         "pass finetune=... (or fine-tune the result)", ", ".join(late))
         timings: dict[str, float] = {}
         refit = self.parts["sequential"] and prep.moments is not None
-        t = time.perf_counter()
-        reference = copy.deepcopy(work) if refit else None
-        realize(work, plan, inplace=True, moments=prep.moments)
-        timings["realize"] = time.perf_counter() - t
-        if reference is not None:
+        with preserve_rng(work):  # factor modules are randomly initialised before their factors are written
             t = time.perf_counter()
-            done = sequential_refit(reference, work, plan, self.calibration, graph=prep.graph.graph,
-                                    kinds={n: info.kind for n, info in prep.graph.layers.items()},
-                                    progress=self.progress,
-                                    output_moments={n: m.output_matrix for n, m in prep.moments.items()
-                                                    if m.output is not None})
-            del reference
-            timings["refit"] = time.perf_counter() - t
-            log.info("sequential refit of %d layers: %.2fs", len(done), timings["refit"])
+            reference = copy_model(work, "as the reference of the sequential refit (or pass "
+                                   "data=autorank.DataAware(sequential=False))") if refit else None
+            realize(work, plan, inplace=True, moments=prep.moments)
+            timings["realize"] = time.perf_counter() - t
+            if reference is not None:
+                t = time.perf_counter()
+                done = sequential_refit(reference, work, plan, self.calibration, graph=prep.graph.graph,
+                                        kinds={n: info.kind for n, info in prep.graph.layers.items()},
+                                        progress=self.progress,
+                                        output_moments={n: m.output_matrix for n, m in prep.moments.items()
+                                                        if m.output is not None})
+                del reference
+                timings["refit"] = time.perf_counter() - t
+                log.info("sequential refit of %d layers: %.2fs", len(done), timings["refit"])
         return timings
 
     # -- stage 4
@@ -288,20 +301,22 @@ class CompressStep:
         """Plan, build, measure and check ``work``; the result."""
         metric = self.metric
         plan = self.plan(prep, picked, budget, solver)
-        timings = {**timings, **self.build(work, prep, plan)}
-        t = time.perf_counter()
-        measured = measure_totals(prep.graph, work, self.example_inputs)
-        timings["measure"] = time.perf_counter() - t
-        plan.totals = measured
-        total = prep.total
-        predicted = prep.fixed + sum(float(prep.curves[n].cost(metric)[i]) for n, i in picked.items())
-        if measured[metric] != round(predicted):
-            log.warning("measured %s (%d) differ from the plan's prediction (%d)", metric, measured[metric], predicted)
-        if measured[metric] > budget * total * (1 + 1e-9):
-            raise RuntimeError(
-                f"internal error: the realised model has {measured[metric]:,} {metric}, over the budget "
-                f"{budget:g} x {total:,}; please report this with the model"
-            )
+        with restore_on_error(work):  # a failure leaves an inplace=True model as it was, not half-converted
+            timings = {**timings, **self.build(work, prep, plan)}
+            t = time.perf_counter()
+            measured = measure_totals(prep.graph, work, self.example_inputs)
+            timings["measure"] = time.perf_counter() - t
+            plan.totals = measured
+            total = prep.total
+            predicted = prep.fixed + sum(float(prep.curves[n].cost(metric)[i]) for n, i in picked.items())
+            if measured[metric] != round(predicted):
+                log.warning("measured %s (%d) differ from the plan's prediction (%d)", metric, measured[metric],
+                            predicted)
+            if measured[metric] > budget * total * (1 + 1e-9):
+                raise RuntimeError(
+                    f"internal error: the realised model has {measured[metric]:,} {metric}, over the budget "
+                    f"{budget:g} x {total:,}; please report this with the model"
+                )
         timings["total"] = time.perf_counter() - t0
         log.info("optimize: %s budget %.3f -> %.4f measured, largest error %.4f, %.2fs",
                  metric, budget, measured[metric] / total, worst, timings["total"])
@@ -311,9 +326,10 @@ class CompressStep:
                  cache: dict[str, Any] | None = None) -> OptimizeResult:
         """Compress ``work`` **in place** to ``budget`` (all four stages) and return the result."""
         t0 = time.perf_counter()
-        prep = prepared or self.prepare(work)
-        timings = dict(prep.timings)
-        t = time.perf_counter()
-        picked, worst = self.choose(work, prep, budget, cache=cache)
-        timings["solve"] = time.perf_counter() - t
-        return self.finish(work, budget, prep, picked, worst, timings, t0)
+        with preserve_rng(work):  # compressing never moves the caller's random stream
+            prep = prepared or self.prepare(work)
+            timings = dict(prep.timings)
+            t = time.perf_counter()
+            picked, worst = self.choose(work, prep, budget, cache=cache)
+            timings["solve"] = time.perf_counter() - t
+            return self.finish(work, budget, prep, picked, worst, timings, t0)

@@ -31,7 +31,7 @@ from .modules import Factorized
 from .plan import Plan
 
 __all__ = ["realize", "replace_module", "densify", "restore_on_error", "copy_model", "meta_copy", "materialize",
-           "find_outside_reads", "preserve_rng"]
+           "find_outside_reads", "preserve_rng", "check_finite_parameters"]
 
 
 def realize(
@@ -289,3 +289,21 @@ def find_outside_reads(model: nn.Module, names: Iterable[str], example_inputs: A
         for m, mode in was.items():
             m.training = mode
     return found
+
+
+def check_finite_parameters(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    """``ValueError`` naming the first parameter of ``model`` (of the modules ``names``, when given) that holds
+    NaN or Inf, and which; the factorisations' eigen- and singular-value decompositions fail on them."""
+    modules = [(n, model.get_submodule(n)) for n in names] if names is not None else [("", model)]
+    seen: set[int] = set()
+    for prefix, mod in modules:
+        for pn, p in mod.named_parameters():
+            if id(p) in seen or not p.is_floating_point() or p.is_meta:
+                continue
+            seen.add(id(p))
+            if not bool(torch.isfinite(p).all()):
+                name = f"{prefix}.{pn}" if prefix else pn
+                layer = name.rpartition(".")[0] or "<model>"
+                what = "NaN" if bool(torch.isnan(p).any()) else "Inf"
+                raise ValueError(f"layer {layer!r} holds {what} values in its parameter {name!r}; a model with "
+                                 "non-finite weights cannot be factorised: fix or reload its weights")

@@ -141,7 +141,7 @@ def test_the_checkpoint_fingerprint_is_written_from_the_plan_config_record(tmp_p
                                data=DataAware(sequential=True, output_weighting=True),
                                retrain=Retrain(checkpoint=tmp_path))
     state = json.loads((tmp_path / STATE_FILE).read_text())
-    record = {k: v for k, v in state["fingerprint"].items() if k not in ("budgets", "mode", "metric")}
+    record = {k: v for k, v in state["fingerprint"].items() if k not in ("budgets", "mode", "metric", "model")}
     assert record == result.plan.config
     assert record["sequential"] is True and record["output_weighting"] is True
 
