@@ -42,16 +42,15 @@ def _saved(tmp_path, budget=0.5, seed=0):
 def test_a_save_that_fails_while_writing_leaves_the_previous_save_loadable(tmp_path):
     first, x, folder = _saved(tmp_path)
     expected = _outputs(first.model, x)
-    second = autorank.optimize(build("mlp", seed=7)[0], 0.5, x)
-    torch.save({"model": second.model, "plan": second.plan.to_json()}, tmp_path / "second.pt")
+    second = autorank.optimize(build("mlp", seed=7)[0], 0.5, x).save(tmp_path / "second")
     script = textwrap.dedent(f"""
-        import resource, signal, torch, autorank
-        from autorank.plan import Plan
-        state = torch.load({str(tmp_path / "second.pt")!r}, weights_only=False)
+        import resource, signal, autorank
+        from tests.tiny_models import MLP
+        model, plan = autorank.load({str(second)!r}, MLP()), autorank.load_plan({str(second)!r})
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         try:
-            autorank.save(state["model"], Plan.from_json(state["plan"]), {str(folder)!r})
+            autorank.save(model, plan, {str(folder)!r})
         except OSError as exc:
             print("FAILED:", exc)
     """)
