@@ -280,7 +280,9 @@ def _load_rng_state(path: Path) -> torch.Tensor:
 def _restore(ckpt: Path, s: int, model: nn.Module) -> OptimizeResult:
     """The result of step ``s`` saved in checkpoint ``ckpt`` (without its graph and curves)."""
     step_dir = ckpt / f"step-{s}"
-    return OptimizeResult(model=load(step_dir, model), plan=load_plan(step_dir), graph=None, curves={})
+    plan = load_plan(step_dir)
+    plan.weights = {}  # the record of the saved file, not part of the result's plan
+    return OptimizeResult(model=load(step_dir, model), plan=plan, graph=None, curves={})
 
 
 def _fell_below(history: list[dict[str, Any]], min_metric: float | None) -> bool:

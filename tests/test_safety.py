@@ -194,7 +194,7 @@ def test_a_crafted_rng_state_in_a_checkpoint_is_refused_without_running_it(tmp_p
     autorank.optimize(model, 0.5, x, retrain=ckpt)
     marker = tmp_path / "pwned"
     with open(tmp_path / "ckpt" / "rng_state.pt", "wb") as f:
-        pickle.dump(_Payload(marker), f)
+        pickle.dump(_Payload(marker), f, protocol=2)
     with pytest.raises(ValueError, match="rng_state.pt' is not a saved RNG state"):
         autorank.optimize(model, 0.5, x, retrain=ckpt)
     assert not marker.exists()
