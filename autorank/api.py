@@ -18,6 +18,7 @@ import torch.nn as nn
 from .allocators import allocate, resolve_allocator, solve_curves
 from .config import Compression, DataAware, Retrain, as_config, check_budget
 from .pipeline import CompressStep, Prepared, Settings, fixed_cost, make_plan, measure_totals
+from .progress import progress_scope
 from .realize import copy_model
 from .refine import Refine, run_refine
 from .result import OptimizeResult, history_table
@@ -102,7 +103,8 @@ def optimize(
             counting the parameters (or FLOPs) that cannot be compressed.
         example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword
             inputs; one forward pass is run to find the layers and their output sizes.
-        metric: ``"params"`` or ``"flops"`` (multiply-accumulates over ``example_inputs``).
+        metric: ``"params"``, ``"flops"`` (multiply-accumulates over ``example_inputs``) or
+            ``"latency"`` (measured forward time on ``example_inputs``, docs/latency.md).
         calibration: an iterable of input batches (in the form of ``example_inputs``) for
             data-aware compression: every error becomes ``||(W - W_hat) X||_F / ||W X||_F`` on
             these inputs and SVD factors are whitened (:mod:`autorank.calibration`); ``data``
@@ -121,7 +123,9 @@ def optimize(
         refine: an :class:`autorank.Refine` to tune solver knobs with Optuna against a metric
             on held-out data (single-step runs; see :mod:`autorank.refine`).
         inplace: modify ``model`` itself (single-step runs only); by default it is left untouched.
-        progress: show progress bars (``None``: only on a terminal).
+        progress: ``True`` progress bars, ``False`` nothing, ``None`` bars on a terminal and
+            INFO lines on the ``autorank.progress`` logger otherwise (:mod:`autorank.progress`);
+            it applies to every step, fine-tuning loops included.
         **legacy: the keyword arguments of earlier versions (``families``, ``allocator``,
             ``exclude``, ``curves``, ``solver``, ``embeddings``, ``sequential``,
             ``output_weighting``, ``schedule``, ``mode``, ``min_metric``, ``checkpoint``), each
@@ -152,6 +156,16 @@ def optimize(
     settings.parts(calibration is not None)  # an explicitly requested part needs calibration data
     step = CompressStep(example_inputs, settings, calibration=calibration, evaluate=evaluate, progress=progress)
 
+    with progress_scope(progress):  # every nested step (fine-tuning loops too) follows progress
+        result = _run(model, budget, step, refine, finetune, steps, retrain_cfg, evaluate, inplace)
+    result.original = None if inplace else model
+    result.example_inputs = example_inputs
+    return result
+
+
+def _run(model: nn.Module, budget: float, step: CompressStep, refine: Any, finetune: Any, steps: int,
+         retrain_cfg: Retrain, evaluate: Any, inplace: bool) -> OptimizeResult:
+    """The workflow asked for: refine, a single step or a schedule."""
     if refine is not None:
         if not isinstance(refine, Refine):
             raise TypeError(f"refine must be an autorank.Refine, got {type(refine).__name__}")
@@ -166,6 +180,4 @@ def optimize(
             raise ValueError("inplace=True applies to single-step compression only (no finetune, steps=1)")
         else:
             result = run_schedule(model, step, schedule)
-    result.original = None if inplace else model
-    result.example_inputs = example_inputs
     return result

@@ -30,6 +30,7 @@ positions of the calibration batches (one probe per batch).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -43,6 +44,7 @@ from .nested import entry, primary_tensor, run_model, tensors
 
 __all__ = [
     "Moments",
+    "StopForward",
     "collect_moments",
     "collect_output_moments",
     "layer_inputs",
@@ -153,6 +155,10 @@ def layer_rows(module: nn.Module, x: torch.Tensor, kind: str, mask: torch.Tensor
     return layer_inputs(module, x, kind)
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a calibration forward pass early (what is after it is not needed)."""
+
+
 def check_finite_batch(batch: Any, index: int) -> None:
     """``ValueError`` naming calibration batch ``index`` when one of its floating-point tensors holds NaN or Inf."""
     for t in tensors(batch):
@@ -167,6 +173,8 @@ def _forward(model: nn.Module, batch: Any, index: int) -> Any:
     check_finite_batch(batch, index)
     try:
         return run_model(model, batch)
+    except StopForward:
+        return None
     except Exception as exc:  # a bad batch: say which one, plainly
         raise RuntimeError(f"the forward pass of {type(model).__name__} on calibration batch {index} "
                            f"failed: {type(exc).__name__}: {exc}") from exc
@@ -207,6 +215,7 @@ def collect_moments(
     batches: Iterable[Any],
     progress: bool | None = None,
     mask_key: str = "attention_mask",
+    quiet_missing: bool = False,
 ) -> dict[str, Moments]:
     """Stream the calibration ``batches`` through ``model`` and accumulate every layer's input moments.
 
@@ -217,6 +226,10 @@ def collect_moments(
             or dict); a ``(inputs, target)`` pair from a labelled loader is not split,
             so pass inputs only.
         mask_key: in dict batches, the ``(B, T)`` mask whose zero positions are left out.
+        quiet_missing: do not warn about layers that no batch reached (the caller reports them).
+
+    Layers that read the very same input tensor in every pass (the query, key and value
+    projections; gate and up) share one accumulated sum (and the work of accumulating it).
 
     Returns ``{name: Moments}``.  Embedding layers get the diagonal of the moment of
     their one-hot inputs (the token counts) as a 1-D tensor; every function here that
@@ -224,7 +237,9 @@ def collect_moments(
     """
     modules = dict(model.named_modules())
     acc: dict[str, Moments] = {}
-    state: dict[str, Any] = {"mask": None}
+    alias: dict[str, str] = {}  # layer -> the layer whose moment it shares (it reads the same tensor)
+    # per forward pass: the input tensors seen (id -> (tensor, first reader)) and the rows each layer added
+    state: dict[str, Any] = {"mask": None, "seen": {}, "added": {}}
 
     def hook(name: str, kind: str):
         def fn(mod, args):
@@ -242,18 +257,48 @@ def collect_moments(
                 mom.sum.add_(counts)  # one-hot rows: x x^T is diagonal, so only the diagonal is kept
                 mom.count += int(counts.sum())
                 return
+            if kind in LINEAR_KINDS:  # layers that read the same tensor (q/k/v, gate/up) share one moment
+                hit = state["seen"].get(id(x))
+                if hit is not None and hit[0]() is x and hit[1] != name:
+                    if name not in acc:
+                        alias[name] = hit[1]
+                        acc[name] = acc[hit[1]]
+                    if alias.get(name) == hit[1]:
+                        return
+                if name in alias:  # it read the owner's tensor until now, but not in this pass
+                    owner = alias.pop(name)
+                    own = acc[owner]
+                    total, count = own.sum.clone(), own.count
+                    for mine in state["added"].get(owner, ()):  # the owner's rows of this pass are not its
+                        mine = mine.to(torch.float64)
+                        total.addmm_(mine.T, mine, alpha=-1.0)
+                        count -= mine.shape[0]
+                    acc[name] = Moments(total, count)
             rows = layer_rows(mod, x, kind, state["mask"])
             mom = acc.setdefault(name, Moments(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)))
             mom.update(rows)
+            if kind in LINEAR_KINDS:
+                state["seen"].setdefault(id(x), (weakref.ref(x), name))
+                if name in alias.values():  # kept for one pass, in case a sharer stops sharing
+                    state["added"].setdefault(name, []).append(rows)
 
         return fn
 
     hooks = [lambda n=name, k=info.kind: modules[n].register_forward_pre_hook(hook(n, k))
              for name, info in layers.items()]
-    _stream(model, batches, hooks, state, lambda batch, i: _forward(model, batch, i), "calibration", progress,
-            mask_key)
+
+    def step(batch: Any, index: int) -> None:
+        state["seen"], state["added"] = {}, {}
+        _forward(model, batch, index)
+
+    try:
+        _stream(model, batches, hooks, state, step, "calibration", progress, mask_key)
+    finally:
+        state["seen"], state["added"] = {}, {}
+    for name, owner in alias.items():  # a moment of its own (its output moment differs), sharing the sum
+        acc[name] = Moments(acc[owner].sum, acc[owner].count)
     missing = [n for n in layers if n not in acc]
-    if missing:
+    if missing and not quiet_missing:
         log.warning("no calibration inputs reached %d layer(s): %s", len(missing), ", ".join(missing[:5]))
     return acc
 

@@ -8,12 +8,17 @@ from dataclasses import InitVar, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .registry import FAMILIES
-from .validate import check_choice, check_int
+from .validate import check_choice, check_count, check_int
 
-__all__ = ["CurveConfig", "SolverConfig", "Compression", "DataAware", "Retrain", "check_budget", "check_metric",
-           "resolve_data_parts", "as_config", "METRICS"]
+__all__ = ["CurveConfig", "SolverConfig", "LatencyConfig", "Compression", "DataAware", "Retrain", "check_budget",
+           "check_metric", "resolve_data_parts", "as_config", "rank_multiple", "METRICS", "HARDWARE_RANK_MULTIPLE"]
 
-METRICS = ("params", "flops")
+METRICS = ("params", "flops", "latency")
+
+#: the default rank multiple under ``metric="latency"`` (``CurveConfig.rank_multiple=None``): measured on
+#: the AVX-512 CPU of this project, a conv pair's time rises in steps of 16 ranks and a Linear pair's has
+#: its minima at multiples of 8 and 16 (docs/latency.md, "Hardware-friendly ranks")
+HARDWARE_RANK_MULTIPLE = 16
 OBJECTIVES = ("max", "sum")
 METHODS = ("auto", "bisect", "lagrangian", "dp")
 ERROR_BOUNDS = ("upper", "max")
@@ -60,6 +65,11 @@ class CurveConfig:
     options:
         per-family settings, ``{family: {option: value}}`` (e.g.
         ``{"tucker2": {"hooi_iters": 5}}``); each family documents and validates its own.
+    rank_multiple:
+        keep only candidates whose ranks (every hyperparameter named ``rank*``) are multiples of
+        this ``m``, on any metric (kernels work in tiles, so such ranks are the fast ones).
+        ``None`` (default): :data:`HARDWARE_RANK_MULTIPLE` under ``metric="latency"``, 1 otherwise
+        (:func:`rank_multiple`).
     """
 
     families: tuple[str, ...] = ("alds",)
@@ -68,6 +78,7 @@ class CurveConfig:
     error_bound: str = "upper"
     grid_points: int = 16
     options: dict[str, dict[str, Any]] | None = None
+    rank_multiple: int | None = None
 
     def __post_init__(self) -> None:
         fams = self.families
@@ -90,6 +101,7 @@ class CurveConfig:
             object.__setattr__(self, "groups", tuple(sorted(set(self.groups))))
         check_choice("CurveConfig.error_bound", self.error_bound, ERROR_BOUNDS)
         check_int("CurveConfig.grid_points", self.grid_points, low=2)
+        check_int("CurveConfig.rank_multiple", self.rank_multiple, low=1, optional=True)
         if self.options is not None:
             if not isinstance(self.options, dict):
                 raise TypeError(f"CurveConfig.options must be a dict {{family: {{option: value}}}}, got {self.options!r}")
@@ -149,6 +161,63 @@ class SolverConfig:
         return asdict(self)
 
 
+def rank_multiple(config: CurveConfig, metric: str) -> int:
+    """The rank multiple that applies: ``config.rank_multiple``, else the metric's default."""
+    if config.rank_multiple is not None:
+        return config.rank_multiple
+    return HARDWARE_RANK_MULTIPLE if metric == "latency" else 1
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How latency is measured for ``metric="latency"`` (see docs/latency.md).
+
+    threads:       ``torch.set_num_threads`` while timing (restored afterwards).
+    repeats:       interleaved timing rounds per candidate (the median is kept).
+    warmup:        untimed rounds first.
+    min_time_s:    each timed sample repeats a call until it lasts at least this long (tiny layers).
+    grid_ratio:    ranks are timed on a grid: the first ``grid_linear`` candidate ranks, then each
+                   next one at least ``grid_ratio`` times the last; the rest are interpolated upwards.
+    grid_linear:   see ``grid_ratio``.
+    final_repeats: passes of the realised model that are timed at the end.
+    clock:         ``"auto"`` (the thread's CPU time on a CPU with ``threads=1``, where it is the
+                   latency on an unloaded core; wall-clock time otherwise), ``"wall"`` or ``"cpu"``.
+    cache:         a directory for the measured tables (keyed by device, dtype, threads, layer
+                   geometry and input shape), or None for no cache.
+    """
+
+    threads: int = 1
+    repeats: int = 7
+    warmup: int = 1
+    min_time_s: float = 1e-3
+    grid_ratio: float = 1.25
+    grid_linear: int = 8
+    final_repeats: int = 20
+    clock: str = "auto"
+    cache: Any = ".cache/autorank/latency"
+
+    def __post_init__(self) -> None:
+        check_count("LatencyConfig.threads", self.threads)
+        check_count("LatencyConfig.repeats", self.repeats)
+        check_count("LatencyConfig.warmup", self.warmup, low=0)
+        check_count("LatencyConfig.grid_linear", self.grid_linear)
+        check_count("LatencyConfig.final_repeats", self.final_repeats)
+        check_choice("LatencyConfig.clock", self.clock, ("auto", "wall", "cpu"))
+        if isinstance(self.min_time_s, bool) or not isinstance(self.min_time_s, (int, float)) \
+                or not 0 <= self.min_time_s < math.inf:
+            raise ValueError(f"LatencyConfig.min_time_s must be a finite number >= 0, got {self.min_time_s!r}")
+        if isinstance(self.grid_ratio, bool) or not isinstance(self.grid_ratio, (int, float)) \
+                or not 1 < self.grid_ratio < math.inf:
+            raise ValueError(f"LatencyConfig.grid_ratio must be a number > 1, got {self.grid_ratio!r}")
+        if self.cache is not None:
+            if not isinstance(self.cache, (str, os.PathLike)):
+                raise TypeError(f"LatencyConfig.cache must be a directory path or None, got {self.cache!r}")
+            object.__setattr__(self, "cache", os.fspath(self.cache))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 # ---- the grouped settings of optimize ------------------------------------------------------------
 
 def _from_dict(cls: type, data: Any, nested: dict[str, type] | None = None) -> Any:
@@ -202,10 +271,12 @@ class Compression:
                 :class:`DataAware` may switch it to ``"alds_output"``.
     exclude:    ``fnmatch`` patterns of qualified module names to keep dense.
     embeddings: also factorise ``nn.Embedding`` tables (not tied ones).
+    latency:    how latency is measured under ``metric="latency"`` (:class:`LatencyConfig`).
     """
 
     curves: CurveConfig = field(default_factory=CurveConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     allocator: Any = "alds"
     exclude: tuple[str, ...] = ()
     embeddings: bool = False
@@ -215,6 +286,7 @@ class Compression:
     def __post_init__(self, families: Any) -> None:
         object.__setattr__(self, "curves", as_config(self.curves, CurveConfig, "Compression.curves"))
         object.__setattr__(self, "solver", as_config(self.solver, SolverConfig, "Compression.solver"))
+        object.__setattr__(self, "latency", as_config(self.latency, LatencyConfig, "Compression.latency"))
         if families is not None:
             object.__setattr__(self, "curves", replace(self.curves, families=families))
         if not (isinstance(self.allocator, str) or callable(self.allocator)):
@@ -237,15 +309,16 @@ class Compression:
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "curves": self.curves.to_dict(), "solver": self.solver.to_dict(),
-                "allocator": self.allocator_name, "exclude": list(self.exclude), "embeddings": self.embeddings}
+                "allocator": self.allocator_name, "exclude": list(self.exclude), "embeddings": self.embeddings,
+                "latency": self.latency.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Compression":
-        return _from_dict(cls, data, {"curves": CurveConfig, "solver": SolverConfig})
+        return _from_dict(cls, data, {"curves": CurveConfig, "solver": SolverConfig, "latency": LatencyConfig})
 
 
 #: the parts of the data-aware recipe, in the order they act (see docs/data_aware.md)
-DATA_PARTS = ("output_weighting", "output_allocation", "sequential")
+DATA_PARTS = ("output_weighting", "output_allocation", "sequential", "streaming")
 
 
 @dataclass(frozen=True)
@@ -261,6 +334,10 @@ class DataAware:
                        which weighs each layer by how much its error moves the model's output.
     sequential:        refit the factorised layers in execution order to the original layers'
                        outputs on the compressed model's own inputs (:mod:`autorank.sequential`).
+    streaming:         calibrate and build block by block on a model that is a chain of blocks
+                       (a transformer), one block's moments in memory at a time
+                       (:mod:`autorank.stream`); by default whenever the chain is found and checks
+                       out, ``True`` makes a model without one an error.
     output:            ``fn(model_output) -> Tensor``: the output the output-aware parts measure
                        (default: the primary output tensor); not recorded in JSON.
     """
@@ -268,6 +345,7 @@ class DataAware:
     output_weighting: bool | None = None
     output_allocation: bool | None = None
     sequential: bool | None = None
+    streaming: bool | None = None
     output: Any = None
     version: int = field(default=1, init=False)
 
@@ -289,21 +367,29 @@ class DataAware:
 
 
 #: the default of each data-aware part when calibration data is given and the part is None
-DATA_DEFAULTS = {"output_weighting": True, "output_allocation": True, "sequential": True}
+DATA_DEFAULTS = {"output_weighting": True, "output_allocation": True, "sequential": True, "streaming": True}
+
+#: the parts that need the output moments of every layer at once (``8 f^2`` bytes per layer): by default
+#: they are off on a model where those would take more than :data:`OUTPUT_MOMENTS_LIMIT` bytes and more
+#: than half the model's own bytes (see :func:`resolve_data_parts`)
+OUTPUT_PARTS = ("output_weighting", "output_allocation")
+OUTPUT_MOMENTS_LIMIT = 512 * 2 ** 20
 
 
-def resolve_data_parts(data: DataAware, calibrated: bool) -> dict[str, bool]:
+def resolve_data_parts(data: DataAware, calibrated: bool, heavy: bool = False) -> dict[str, bool]:
     """Which parts of the data-aware recipe run: the explicit choices, else :data:`DATA_DEFAULTS`.
 
     Without calibration data every part is off, and asking for one is a ``ValueError``.
+    ``heavy``: the output moments would not fit (:data:`OUTPUT_PARTS`); the output-aware
+    parts left at ``None`` are then off.
     """
     if not calibrated:
         asked = [name for name in DATA_PARTS if getattr(data, name) is True]
         if asked:
             raise ValueError(f"DataAware.{asked[0]}=True uses calibration data: pass calibration=...")
         return {name: False for name in DATA_PARTS}
-    return {name: DATA_DEFAULTS[name] if getattr(data, name) is None else getattr(data, name)
-            for name in DATA_PARTS}
+    return {name: (DATA_DEFAULTS[name] and not (heavy and name in OUTPUT_PARTS)) if getattr(data, name) is None
+            else getattr(data, name) for name in DATA_PARTS}
 
 
 SCHEDULE_NAMES = ("one-shot", "linear", "geometric")

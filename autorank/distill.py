@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._util import seeded_rng, show_progress
+from ._util import seeded_rng
+from .progress import Progress
 from .finetune import module_device
 from .nested import to_device
 from .validate import check_bool, check_count, check_int, check_nonnegative, check_positive, check_range
@@ -167,8 +168,9 @@ class EncoderDistill:
             intermediate layers matched, plus the pooled embeddings).
         seed: Seed of the batch order and of dropout; the global random state is left as
             it was.
-        progress: ``True`` always shows a tqdm bar, ``False`` never, ``None`` only when
-            stderr is a terminal.
+        progress: ``True`` a tqdm bar, ``False`` nothing, ``None`` the enclosing
+            ``optimize(progress=...)``, else a bar on a terminal and log lines otherwise
+            (:mod:`autorank.progress`).
     """
 
     minutes: float | None = None
@@ -220,8 +222,6 @@ class EncoderDistill:
         Returns:
             ``{"steps", "epochs", "time_s", "mean_loss", "final_loss"}``.
         """
-        from tqdm.auto import tqdm
-
         _check_models(student, teacher)
         _check_batches(batches)
         device = module_device(student)
@@ -236,7 +236,7 @@ class EncoderDistill:
         bar = None
         try:
             params = _trainable(student, self.freeze_embeddings)
-            bar = tqdm(total=self.max_steps, desc="distil", disable=not show_progress(self.progress), leave=False)
+            bar = Progress("distil", total=self.max_steps, progress=self.progress, unit="step")
             with seeded_rng(self.seed, device):
                 opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
                 teacher.eval()

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ._util import seeded_rng, show_progress
+from ._util import seeded_rng
+from .progress import Progress
 from .nested import to_device
 from .validate import (
     check_bool, check_choice, check_count, check_int, check_nonnegative, check_positive, check_range,
@@ -102,8 +103,9 @@ class Finetune:
         seed: Base seed; the effective seed mixes in the scheduler ``step``.
             ``None`` leaves randomness to the global generators.
         max_steps: Upper bound on the number of optimiser steps.
-        progress: ``True`` always shows a tqdm bar, ``False`` never, ``None``
-            only when stderr is a terminal.
+        progress: ``True`` a tqdm bar, ``False`` nothing, ``None`` the enclosing
+            ``optimize(progress=...)``, else a bar on a terminal and log lines otherwise
+            (:mod:`autorank.progress`).
         loss_fn: ``loss_fn(logits, targets) -> scalar``; cross-entropy if ``None``.
         batch_size: Batch size used only when ``train_loader`` is a ``Dataset``.
     """
@@ -179,8 +181,6 @@ class Finetune:
             loader without ``len()``), the loss of the last batch, the mean loss
             over all batches and the wall-clock time.
         """
-        from tqdm.auto import tqdm
-
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_count("step", step, low=0, allow_numpy=True)
@@ -223,15 +223,10 @@ class Finetune:
                 model.train()
                 if teacher is not None:
                     teacher.eval()
-                steps = tqdm(
-                    range(total_steps),
-                    desc=f"finetune {step}",
-                    disable=not show_progress(self.progress),
-                    leave=False,
-                )
+                bar = Progress(f"finetune round {step}", total=total_steps, progress=self.progress, unit="step")
                 batches = _cycle(loader)
                 try:
-                    for _ in steps:
+                    for _ in range(total_steps):
                         batch = next(batches, None)
                         if batch is None:
                             break
@@ -243,9 +238,10 @@ class Finetune:
                         last_loss = loss.detach().to(torch.float64)
                         loss_sum += last_loss
                         done += 1
+                        bar.update(1)
                 finally:
                     batches.close()
-                    steps.close()
+                    bar.close(done == total_steps)
         finally:
             model.eval()
             if teacher is not None:

@@ -10,7 +10,9 @@ output goes through these functions:
 * :func:`map_tensors` / :func:`to_device` -- the same nesting with every tensor replaced;
 * :func:`flat_output` -- every floating tensor of an output as one float64 vector;
 * :func:`primary_tensor` -- the one output tensor that stands for the whole output;
-* :func:`entry` -- a key of a dict batch (``attention_mask``), ``None`` for other batches.
+* :func:`entry` -- a key of a dict batch (``attention_mask``), ``None`` for other batches;
+* :class:`Call` -- a batch given as explicit positional and keyword arguments, with its mask
+  (the inputs of one block of a model, captured by :mod:`autorank.stream`).
 
 A mapping is walked in its own (insertion) order unless stated otherwise; a
 ``ModelOutput`` is a mapping, so its ``None`` fields are simply absent.  Objects
@@ -20,16 +22,38 @@ other than tensors, tuples, lists and mappings are leaves and are left as they a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["run_model", "tensors", "map_tensors", "to_device", "flat_output", "primary_tensor", "entry"]
+__all__ = ["Call", "run_model", "tensors", "map_tensors", "to_device", "flat_output", "primary_tensor", "entry"]
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """One call's inputs, as they were passed: ``module(*args, **kwargs)``.
+
+    ``mask`` is the ``(B, T)`` padding mask of the calibration batch the call came from
+    (or None): :func:`entry` returns it for any key, so the streamed moments of a
+    block's layers leave out padded positions as the whole-model moments do.
+    """
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    mask: Any = None
+
+    def with_first(self, first: Any) -> "Call":
+        """The same call with its first positional argument replaced by ``first``."""
+        return Call((first, *self.args[1:]), self.kwargs, self.mask)
 
 
 def run_model(model: nn.Module, example_inputs: Any) -> Any:
-    """Call ``model`` on example inputs: a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
+    """Call ``model`` on example inputs: a tensor, a tuple/list of positional inputs, a dict of keyword
+    inputs, or a :class:`Call`."""
+    if isinstance(example_inputs, Call):
+        return model(*example_inputs.args, **example_inputs.kwargs)
     if isinstance(example_inputs, Mapping):
         return model(**example_inputs)
     if isinstance(example_inputs, (tuple, list)):
@@ -50,6 +74,8 @@ def tensors(obj: Any, sort_keys: bool = False) -> list[torch.Tensor]:
         o = stack.pop()
         if isinstance(o, torch.Tensor):
             out.append(o)
+        elif isinstance(o, Call):
+            stack.extend((o.kwargs, o.args))
         elif isinstance(o, Mapping):
             stack.extend(reversed([o[k] for k in sorted(o)] if sort_keys else list(o.values())))
         elif isinstance(o, (tuple, list)):
@@ -68,6 +94,9 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any], keep_types: bool = 
     """
     if isinstance(obj, torch.Tensor):
         return fn(obj)
+    if isinstance(obj, Call):
+        return Call(map_tensors(obj.args, fn, keep_types), map_tensors(obj.kwargs, fn, keep_types),
+                    None if obj.mask is None else map_tensors(obj.mask, fn, keep_types))
     if isinstance(obj, Mapping):
         items = {k: map_tensors(v, fn, keep_types) for k, v in obj.items()}
         return type(obj)(items) if keep_types else items
@@ -116,5 +145,7 @@ def primary_tensor(out: Any, hint: str = "") -> torch.Tensor:
 
 
 def entry(batch: Any, key: str) -> Any:
-    """``batch[key]`` of a dict batch (``None`` when absent); ``None`` for a batch that is not a mapping."""
+    """``batch[key]`` of a dict batch (``None`` when absent); a :class:`Call`'s mask; else ``None``."""
+    if isinstance(batch, Call):
+        return batch.mask
     return batch.get(key) if isinstance(batch, Mapping) else None

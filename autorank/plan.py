@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LayerPlan", "Plan", "PLAN_VERSION"]
+__all__ = ["LayerPlan", "Plan", "PLAN_VERSION", "describe", "HYPER_FORMATS"]
 
 PLAN_VERSION = 1
 
@@ -88,15 +88,18 @@ class Plan:
         """``{layer: hyperparameters}`` of the compressed layers."""
         return {n: dict(lp.hyper) for n, lp in self.layers.items() if lp.compressed}
 
-    def summary(self, max_rows: int | None = None) -> str:
-        """A per-layer table and the totals (measured on the realised model when available)."""
-        head = ("layer", "type", "shape", "family", "k", "rank", "error", "params", "MACs")
+    def summary(self, max_rows: int | None = None, error_against: str | None = None) -> str:
+        """A per-layer table and the totals (measured on the realised model when available).
+
+        ``error_against`` names what the layer errors are relative to when it is not the
+        original model (e.g. the previous step of a cascade); the header and a note say so.
+        """
+        err_head = "error" if error_against is None else f"error vs {error_against}"
+        head = ("layer", "type", "shape", "decomposition", err_head, "params", "MACs")
         rows = []
         for lp in self.layers.values():
-            k = lp.hyper.get("groups", "")
-            j = lp.hyper.get("rank", "")
             rows.append((
-                lp.name, lp.kind, "x".join(map(str, lp.shape)), lp.family, str(k), str(j),
+                lp.name, lp.kind, "x".join(map(str, lp.shape)), describe(lp.family, lp.hyper),
                 f"{lp.error:.4f}", f"{_si(lp.dense_params)} -> {_si(lp.params)}",
                 f"{_si(lp.dense_flops)} -> {_si(lp.flops)}",
             ))
@@ -110,8 +113,13 @@ class Plan:
         n_comp = sum(lp.compressed for lp in self.layers.values())
         lines.append("")
         lines.append(f"compressed {n_comp} of {len(self.layers)} candidate layers; "
-                     f"objective={self.objective}, largest layer error={self.max_error:.4f}, "
-                     f"network bound prod(1+eps)-1={self.network_bound:.4f}")
+                     f"objective={self.objective}, largest layer error={self.max_error:.4f}")
+        if error_against is not None:
+            lines.append(f"(errors are relative to {error_against}, the weights this step compressed; "
+                         "params and MACs are against the original layer)")
+        if 0.0 < self.network_bound < 1.0:  # above 1 the bound says nothing about the output
+            lines.append(f"network bound prod(1+eps)-1 = {self.network_bound:.4f}: the largest relative change "
+                         "of the output if every layer's error compounded in the worst way")
         t = self.totals
         if t:
             for key, label in (("params", "params"), ("flops", "MACs")):
@@ -120,6 +128,10 @@ class Plan:
                     mark = "  <- budget metric" if key == self.metric else ""
                     lines.append(f"{label:>6}: {before:,} -> {after:,}  ({after / before:.4f} of original)"
                                  f"{mark}")
+            if t.get("latency_before"):
+                lines.append(f"latency: {t['latency_before'] * 1e3:.3f} ms -> {t['latency'] * 1e3:.3f} ms "
+                             f"(IQR {t.get('latency_iqr', 0.0) * 1e3:.3f} ms; {t['latency'] / t['latency_before']:.4f}"
+                             f" of original; predicted {t.get('latency_predicted', 0.0) * 1e3:.3f} ms)")
             before = t.get(f"{self.metric}_before")
             if before:
                 ratio = t[self.metric] / before
@@ -131,7 +143,32 @@ class Plan:
             lines.append(f"left dense ({len(self.skipped)}):")
             for n, why in self.skipped.items():
                 lines.append(f"  {n}: {why}")
-        return "\n".join(lines)
+        return "\n".join(line.rstrip() for line in lines)
+
+
+# How each built-in family's hyperparameters read in a table (others: ``name (key value, ...)``);
+# keys not named here (solver settings such as ``iters``, ``hooi_iters``, ``seed``) are not shown.
+HYPER_FORMATS: dict[str, tuple[tuple[str, str], ...]] = {
+    "alds": (("groups", "k={}"), ("rank", "rank {}")),
+    "tucker2": (("rank_in", "in {}"), ("rank_out", "out {}")),
+    "cp": (("rank", "rank {}"),),
+    "spatial_svd": (("rank", "rank {}"),),
+    "tt": (("d", "d={}"), ("rank", "rank {}")),
+    "sparse_lowrank": (("rank", "rank {}"), ("columns", "+ {} sparse cols")),
+    "alrf": (("rank", "rank {}"), ("variant", "variant {}")),
+}
+
+
+def describe(family: str, hyper: dict[str, Any]) -> str:
+    """A layer's decomposition in words: ``"dense"``, ``"alds (k=2, rank 16)"``, ``"tucker2 (in 21, out 37)"``."""
+    if family == "dense":
+        return "dense"
+    formats = HYPER_FORMATS.get(family)
+    if formats is None:
+        parts = [f"{k} {v}" for k, v in hyper.items()]
+    else:
+        parts = [fmt.format(hyper[k]) for k, fmt in formats if k in hyper]
+    return f"{family} ({', '.join(parts)})" if parts else family
 
 
 def _si(x: int) -> str:

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from .config import SolverConfig
+from .progress import Progress
 from .nested import entry, primary_tensor, run_model
 
 __all__ = ["Refine", "run_refine", "layer_type", "output_fidelity"]
@@ -182,6 +183,19 @@ def run_refine(work: nn.Module, budget: float, step: Any, refine: Refine) -> Any
                 raise optuna.TrialPruned()
         return float(np.mean(scores))
 
+    # Optuna's own INFO lines ("A new study created", one per trial) only when autorank logs at DEBUG
+    verbosity = optuna.logging.get_verbosity()
+    if not logging.getLogger("autorank").isEnabledFor(logging.DEBUG):
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = _study(optuna, refine, objective_fn, groups, base_solver)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return _finish(optuna, study, work, budget, step, refine, prep, settings, pick, t0)
+
+
+def _study(optuna: Any, refine: Refine, objective_fn: Callable, groups: list[str], base_solver: SolverConfig) -> Any:
+    """Create the seeded study, enqueue the unrefined settings as trial 0, and run the trials."""
     sampler = optuna.samplers.TPESampler(seed=refine.seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
@@ -193,13 +207,18 @@ def run_refine(work: nn.Module, budget: float, step: Any, refine: Refine) -> Any
         if base_solver.objective == "sum":
             baseline_params["exponent"] = 1.0
     study.enqueue_trial(baseline_params)
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study.optimize(objective_fn, n_trials=refine.n_trials, timeout=refine.timeout)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+    with Progress("refine trials", total=refine.n_trials, unit="trial") as bar:
+        def report(study: Any, trial: Any) -> None:
+            best = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            bar.update(1, f"best {max(best):.4f}" if best else None)
 
+        study.optimize(objective_fn, n_trials=refine.n_trials, timeout=refine.timeout, callbacks=[report])
+    return study
+
+
+def _finish(optuna: Any, study: Any, work: nn.Module, budget: float, step: Any, refine: Refine, prep: Any,
+            settings: Callable, pick: Callable, t0: float) -> Any:
+    """Realise the best trial on ``work`` and record the study in ``plan.config["refine"]``."""
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     baseline = study.trials[0].value
     best = study.best_trial

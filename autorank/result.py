@@ -48,7 +48,7 @@ class OptimizeResult:
         ``repeats`` runs after a warm-up, ``threads`` fixes the thread count), and
         layers measured slower than dense are flagged.
         """
-        text = self.plan.summary(max_rows=max_rows)
+        text = self.plan.summary(max_rows=max_rows, error_against=self.error_reference())
         ref = self.plan.config.get("refine")
         if ref:
             text += (f"\n\nrefine (Optuna, seed {ref['seed']}): best trial {ref['best_trial']} of {ref['n_trials']} "
@@ -56,9 +56,25 @@ class OptimizeResult:
                      f"{ref['baseline_metric']:.4f} (gain {ref['gain']:+.4f}); best settings {ref['best_params']}")
         if self.history:
             text += "\n\n" + history_table(self.history)
+            if (self.plan.config.get("schedule") or {}).get("mode") == "cascade" and len(self.history) > 2:
+                text += ("\n(cascade: each step's max error is against the model it compressed, the step "
+                         "before; params and MACs are against the original)")
         if latency:
             text += "\n\n" + self.latency_report(repeats=repeats, threads=threads)
         return text
+
+    def error_reference(self) -> str | None:
+        """What the plan's layer errors are relative to, when it is not the original model.
+
+        In a cascade schedule step ``s`` compresses the fine-tuned model of step ``s - 1``,
+        so its errors measure that step's change only (a layer kept at the rank it already
+        had shows error 0), while params and MACs compare with the original layer.
+        """
+        sched = self.plan.config.get("schedule") or {}
+        step = sched.get("step")
+        if sched.get("mode") == "cascade" and isinstance(step, int) and step > 1:
+            return f"step {step - 1}"
+        return None
 
     def latency_report(self, repeats: int = 20, threads: int | None = None) -> str:
         """Measured forward latency: whole model and per factorised layer, original vs compressed."""
@@ -96,4 +112,5 @@ def history_table(history: Sequence[Mapping[str, Any]]) -> str:
              f"{h.get('time_s', 0.0):.1f}") for h in history]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(head)]
     line = "  ".join(f"{{:>{w}}}" for w in widths)
-    return "\n".join([line.format(*head), line.format(*("-" * w for w in widths))] + [line.format(*r) for r in rows])
+    lines = [line.format(*head), line.format(*("-" * w for w in widths))] + [line.format(*r) for r in rows]
+    return "\n".join(ln.rstrip() for ln in lines)

@@ -43,6 +43,7 @@ from .config import Retrain, check_budget
 from .finetune import FinetuneContext, check_finetuner, run_finetuner
 from .graph import count_flops, count_params
 from .io import load, load_plan, save
+from .progress import track
 from .realize import copy_model, densify
 from .result import OptimizeResult
 
@@ -215,7 +216,8 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
     # a resumed run that had already stopped on min_metric stays stopped
     stopped_early = _fell_below(history, schedule.min_metric)
     results: dict[int, OptimizeResult] = {} if current is None else {done: current}
-    for s, budget in enumerate(schedule.budgets, start=1):
+    for s, budget in track(list(enumerate(schedule.budgets, start=1)), "compress -> fine-tune schedule",
+                           unit="step", note=lambda item: f"step {item[0]}, budget {item[1]:.4f}"):
         if s <= done or stopped_early:
             continue
         if schedule.mode == "cascade" and current is not None:
@@ -261,6 +263,8 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
     chosen = _pick_step(set(results) | saved, history, schedule, stopped_early)
     final = results[chosen] if chosen in results else _restore(ckpt, chosen, model)
     final.history = history
+    # the reports read this: in a cascade, a step's layer errors are against the model it compressed
+    final.plan.config["schedule"] = {"mode": schedule.mode, "budgets": list(schedule.budgets), "step": chosen}
     return final
 
 

@@ -241,6 +241,7 @@ def sequential_refit(
     progress: bool | None = None,
     mask_key: str = "attention_mask",
     output_moments: Mapping[str, torch.Tensor] | None = None,
+    model_batches: Sequence[Any] | None = None,
 ) -> list[str]:
     """Refit the factorised layers of ``model`` (in place) stage by stage; returns the refitted names.
 
@@ -253,10 +254,17 @@ def sequential_refit(
         kinds: ``{layer: kind}`` (``"linear"``, ``"conv2d"``, ...); read from the handlers if omitted.
         damping: relative ridge ``delta`` of ``(C + delta * mean(diag C) I)^{-1}``.
         output_moments: ``{layer: G}``, the output moments of output weighting, or None.
+        model_batches: what ``model`` is run on, batch for batch, when it differs from what
+            ``reference`` is run on (``batches``): one block of a model, streamed by
+            :mod:`autorank.stream`, sees the original block's inputs in ``reference`` and the
+            compressed model's in ``model``.
     """
     batches = list(batches)
     if not batches:
         raise ValueError("sequential refit needs at least one calibration batch")
+    model_batches = batches if model_batches is None else list(model_batches)
+    if len(model_batches) != len(batches):
+        raise ValueError(f"model_batches has {len(model_batches)} batches, batches {len(batches)}")
     kinds = dict(kinds or {})
     wanted = []
     for n, lp in plan.layers.items():
@@ -280,9 +288,9 @@ def sequential_refit(
             stop = all(calls.get(n) == 1 for n in stage)
             acc: dict[str, CrossMoments] = {}
             dense = {n: reference.get_submodule(n) for n in stage}
-            for batch in batches:
+            for batch, own in zip(batches, model_batches):
                 ref_rows = _stage_rows(reference, stage, kinds, batch, mask_key, stop, dense)
-                new_rows = _stage_rows(model, stage, kinds, batch, mask_key, stop, dense)
+                new_rows = _stage_rows(model, stage, kinds, own, mask_key, stop, dense)
                 for n in stage:
                     for x, h in zip(ref_rows[n], new_rows[n]):
                         acc.setdefault(n, CrossMoments(x.shape[1])).update(x, h)

@@ -44,7 +44,7 @@ def models(names):
         from autorank.apps.zoo import accuracy, load_mnist, train_mnist_cnn
 
         _, test = load_mnist()
-        model = train_mnist_cnn(cache_dir=".cache/autorank")
+        model = train_mnist_cnn()
         yield "mnist", model, test[:1][0], (lambda m: accuracy(m, test))
     if "resnet18" in names:
         import torchvision

@@ -27,7 +27,7 @@ def main() -> None:
     args = p.parse_args()
 
     train, test = load_mnist()
-    model = train_mnist_cnn(cache_dir=".cache/autorank")
+    model = train_mnist_cnn()
     base = accuracy(model, test)
     print(f"original: {autorank.count_params(model):,} params, held-out accuracy {base:.2f}%  "
           f"(fine-tuning: {args.epochs:g} epochs x {args.steps} step(s), distillation, seed 0)")

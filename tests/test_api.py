@@ -157,7 +157,7 @@ BAD = [
     ({"budget": float("nan")}, ValueError, "got nan"),
     ({"budget": "abc"}, TypeError, "got 'abc'"),
     ({"budget": True}, TypeError, "got True"),
-    ({"metric": "latency"}, ValueError, "metric must be one of"),
+    ({"metric": "energy"}, ValueError, "metric must be one of"),
     ({"compression": {"curves": {"max_groups": 0}}}, ValueError, "CurveConfig.max_groups must be >= 1, got 0"),
     ({"compression": {"curves": {"families": ["nope"]}}}, ValueError, "unknown family 'nope'"),
     ({"compression": {"curves": {"error_bound": "exact"}}}, ValueError, "error_bound must be one of"),

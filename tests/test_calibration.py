@@ -19,13 +19,16 @@ CONVS = [
     ("conv2d-stride-pad-dil", nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (2, 4, 9, 8)),
     ("conv2d-circular", nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), (1, 2, 5, 5)),
     ("conv2d-reflect", nn.Conv2d(2, 3, 3, padding=2, padding_mode="reflect"), (1, 2, 6, 6)),
-    ("conv2d-same", nn.Conv2d(2, 3, (3, 4), padding="same"), (1, 2, 6, 7)),
+    # an even kernel with padding="same" pads asymmetrically (the case under test); torch's reference
+    # forward then warns that it copies the input, which says nothing about autorank
+    pytest.param("conv2d-same", nn.Conv2d(2, 3, (3, 4), padding="same"), (1, 2, 6, 7),
+                 marks=pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")),
     ("conv1d-stride", nn.Conv1d(3, 4, 5, stride=2, padding=2), (2, 3, 11)),
     ("conv1d-circular", nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular"), (2, 3, 8)),
 ]
 
 
-@pytest.mark.parametrize("name,conv,shape", CONVS, ids=[c[0] for c in CONVS])
+@pytest.mark.parametrize("name,conv,shape", CONVS, ids=[c.values[0] if hasattr(c, "values") else c[0] for c in CONVS])
 def test_im2col_rows_reproduce_the_convolution(name, conv, shape):
     """W @ row equals the conv output (minus bias) at every position: the column order matches the weight."""
     x = torch.randn(shape)

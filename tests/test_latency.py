@@ -68,3 +68,204 @@ def test_layer_latencies_cover_every_compressed_layer(name):
         assert r["dense_ms"] > 0 and r["compressed_ms"] > 0
         assert r["slower"] == (r["compressed_ms"] > r["dense_ms"])
         assert tuple(r["in_shape"]) == info[r["name"]].in_shape
+
+
+# ---- metric="latency": the measured cost column --------------------------------------------------
+
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from autorank import latency as lat  # noqa: E402
+from autorank.config import Compression, CurveConfig, LatencyConfig  # noqa: E402
+from autorank.families import get_family  # noqa: E402
+from autorank.families.alds import GroupedLowRankConv, GroupedLowRankLinear  # noqa: E402
+from autorank.registry import FAMILIES  # noqa: E402
+
+
+def wide_mlp():
+    """Two 256-wide layers on a batch of 64: rank 16-48 factorisations are measurably faster than dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    return model, torch.randn(64, 256)
+
+
+def fast_latency(tmp_path, **kw):
+    return LatencyConfig(**{"cache": str(tmp_path / "lat"), "repeats": 3, "warmup": 1, "min_time_s": 2e-4,
+                            "final_repeats": 5, **kw})
+
+
+def counting(monkeypatch, name="_time_candidates"):
+    calls = []
+    real = getattr(lat, name)
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(lat, name, wrapped)
+    return calls
+
+
+def test_latency_table_is_reused_from_the_disk_cache(tmp_path, monkeypatch):
+    layer, x = nn.Linear(128, 96), torch.randn(32, 128)
+    cands = [("dense", {})] + [("alds", {"groups": k, "rank": r}) for k in (1, 2) for r in range(8, 65, 8)]
+    build = lambda fam, hyper: get_family(fam).skeleton(layer, hyper)  # noqa: E731
+    timed = counting(monkeypatch, "time_callables")
+    kw = dict(threads=1, repeats=2, warmup=0, min_time_s=0.0, grid_linear=3, grid_ratio=1.5)
+    first, s1 = lat.latency_column(layer, x, cands, build, cache=lat.LatencyCache(tmp_path), **kw)
+    n_first = len(timed)
+    assert n_first > 0 and s1["timed"] > 0 and s1["interpolated"] > 0 and s1["cached"] == 0
+    second, s2 = lat.latency_column(layer, x, cands, build, cache=lat.LatencyCache(tmp_path), **kw)
+    assert len(timed) == n_first and s2["timed"] == 0 and s2["cached"] == s1["timed"]
+    np.testing.assert_array_equal(first, second)
+    # another input shape or thread count is another key: timed again
+    lat.latency_column(layer, torch.randn(16, 128), cands, build, cache=lat.LatencyCache(tmp_path), **kw)
+    assert len(timed) > n_first
+
+
+def test_optimize_reuses_the_cached_tables(tmp_path, monkeypatch):
+    model, x = wide_mlp()
+    comp = Compression(latency=fast_latency(tmp_path))
+    timed = counting(monkeypatch)
+    autorank.optimize(model, 0.6, x, metric="latency", compression=comp)
+    assert len(timed) > 0
+    before = len(timed)
+    result = autorank.optimize(model, 0.6, x, metric="latency", compression=comp)
+    assert len(timed) == before  # no candidate was timed the second time
+    t = result.plan.totals
+    assert t["latency"] > 0 and t["latency_before"] > 0 and t["latency_iqr"] >= 0 and t["latency_predicted"] > 0
+    assert result.plan.metric == "latency" and "latency:" in result.plan.summary()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_step_up_never_predicts_below_a_measured_point(seed):
+    rng = np.random.default_rng(seed)
+    ranks = np.unique(rng.integers(1, 300, size=60))
+    grid = lat.rank_grid(ranks, linear=4, ratio=1.3)
+    assert grid[-1] == ranks.max() and set(ranks[:4]) <= set(grid) and set(grid) <= set(ranks)
+    times = rng.random(len(grid))  # not monotone: noise
+    pred = lat.step_up(grid, times, ranks)
+    for r, p in zip(ranks, pred):
+        assert p >= times[grid <= r].max(initial=-np.inf)
+    np.testing.assert_array_equal(lat.step_up(grid, times, grid), np.maximum.accumulate(times))
+    with pytest.raises(ValueError, match="above the largest timed rank"):
+        lat.step_up(grid, times, np.array([grid[-1] + 1]))
+
+
+class Sleepy(nn.Module):
+    """A stand-in factorisation made slow (tests only): it sleeps 10 ms per call, or spins 10 ms of CPU."""
+
+    def __init__(self, inner, spin):
+        super().__init__()
+        self.inner, self.spin = inner, spin
+
+    def forward(self, x):
+        if self.spin:  # the CPU clock does not count a sleep, only work
+            end = time.thread_time() + 1e-2
+            while time.thread_time() < end:
+                pass
+        else:
+            time.sleep(1e-2)
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("clock", [pytest.param("wall", marks=pytest.mark.slow), "cpu"])
+def test_a_factorisation_slower_than_dense_is_never_chosen(tmp_path, monkeypatch, clock):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 384))  # geometries differ: two cache keys
+    x = torch.randn(128, 512)
+    model[0].sleepy = True  # survives optimize's copy of the model
+    alds = get_family("alds")
+    slow = dataclasses.replace(
+        alds, name="slow_alds",
+        skeleton=lambda m, h: Sleepy(alds.skeleton(m, h), clock == "cpu") if getattr(m, "sleepy", False)
+        else alds.skeleton(m, h),
+        realize=lambda m, h, moment=None, **kw: alds.realize(m, h, moment, **kw))
+    monkeypatch.setitem(FAMILIES._entries, "slow_alds", slow)
+    curves = CurveConfig(families=("slow_alds",), groups=(1,), rank_multiple=64)  # ranks 64, 128, 192
+    comp = Compression(curves=curves, latency=fast_latency(tmp_path, clock=clock))
+    result = autorank.optimize(model, 0.9, x, metric="latency", compression=comp)
+    assert "0" in result.plan.skipped and "faster than dense" in result.plan.skipped["0"]
+    assert isinstance(result.model[0], nn.Linear)
+    # the other layer (6x to 2x fewer MACs, timed honestly) is factorised
+    assert result.plan.layers["2"].compressed and isinstance(result.model[2], GroupedLowRankLinear)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"threads": 0}, "threads"), ({"repeats": 0}, "repeats"), ({"warmup": -1}, "warmup"),
+    ({"grid_ratio": 1.0}, "grid_ratio"), ({"min_time_s": -1}, "min_time_s"), ({"clock": "sundial"}, "clock"),
+])
+def test_bad_latency_settings(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        LatencyConfig(**kw)
+
+
+def test_cpu_clock_does_not_count_waiting():
+    slept = lat.time_callables([lambda: time.sleep(5e-3)], repeats=2, warmup=0, threads=1, clock="cpu")
+    walled = lat.time_callables([lambda: time.sleep(5e-3)], repeats=2, warmup=0, threads=1, clock="wall")
+    assert slept.max() < 2e-3 <= walled.min()
+    assert lat.resolve_clock("auto", "cpu", 1) == "cpu" and lat.resolve_clock("auto", "cpu", 2) == "wall"
+    assert lat.resolve_clock("auto", "cuda", 1) == "wall"
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    model, x = wide_mlp()
+    comp = Compression(latency=LatencyConfig(cache=str(blocker / "sub")))
+    with pytest.raises(ValueError, match="not writable"):
+        autorank.optimize(model, 0.5, x, metric="latency", compression=comp)
+    with pytest.raises(TypeError, match="cache"):
+        LatencyConfig(cache=3)
+
+
+@pytest.mark.parametrize("metric", ["params", "flops"])
+@pytest.mark.parametrize("m", [2, 4])
+def test_rank_multiple_on_any_metric(metric, m):
+    model, x = build("mlp")
+    result = autorank.optimize(model, 0.5, x, metric=metric, compression=Compression(curves=CurveConfig(rank_multiple=m)))
+    ranks = [lp.hyper["rank"] for lp in result.plan.layers.values() if lp.compressed]
+    assert ranks and all(r % m == 0 for r in ranks)
+    with pytest.raises(ValueError, match="rank_multiple"):
+        CurveConfig(rank_multiple=0)
+
+
+@pytest.mark.parametrize("shape, groups", [((5, 24), 3), ((2, 7, 24), 4), ((24,), 2), ((3, 24), 1)])
+def test_grouped_linear_matches_its_dense_form(shape, groups):
+    torch.manual_seed(0)
+    layer = GroupedLowRankLinear(24, 10, rank=3, groups=groups)
+    x = torch.randn(*shape)
+    expected = layer.to_dense()(x)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_pair_in_channels_last():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    pair = GroupedLowRankConv.from_dense(conv, rank=8, groups=2)
+    x = torch.randn(2, 16, 9, 9)
+    ref = pair(x)
+    out = pair.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_factorised_modules_under_torch_compile():
+    torch.manual_seed(0)
+    model = nn.Sequential(GroupedLowRankConv.from_dense(nn.Conv2d(8, 16, 3, padding=1), rank=4, groups=2), nn.ReLU(),
+                          nn.Flatten(), GroupedLowRankLinear(16 * 6 * 6, 10, rank=8, groups=4)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break allowed
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_timing_is_synchronised(tmp_path):
+    model, x = wide_mlp()
+    model, x = model.cuda(), x.cuda()
+    out = measure_latency(model, x, repeats=3, warmup=1)
+    assert out["median_s"] > 0
+    result = autorank.optimize(model, 0.6, x, metric="latency", compression=Compression(latency=fast_latency(tmp_path)))
+    assert result.plan.totals["latency"] > 0

@@ -36,12 +36,12 @@ PACKAGE = ROOT / "autorank"
 # ``autorank/__init__.py``; a package name (``families``) also places every module
 # inside it (``families.base``, ``families.alds``, ...).
 LAYERS: dict[int, tuple[str, ...]] = {
-    0: ("_util", "nested", "validate", "registry", "linalg", "solver", "plan", "config"),  # leaves
+    0: ("progress", "_util", "nested", "validate", "registry", "linalg", "solver", "plan", "config"),  # leaves
     1: ("measures", "vbmf"),  # maths
     2: ("layers", "graph", "calibration", "latency"),  # model analysis
     3: ("modules", "families"),  # families
     4: ("curves", "allocators"),  # allocation
-    5: ("realize", "sequential", "pipeline", "result", "io"),  # pipeline
+    5: ("realize", "sequential", "stream", "pipeline", "result", "io"),  # pipeline
     6: ("retrain", "refine", "finetune", "distill"),  # workflows
     7: ("api", "__init__"),  # front door
     8: ("apps",),  # applications: the core never imports them

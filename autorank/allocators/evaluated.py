@@ -25,6 +25,7 @@ import torch.nn as nn
 from ..families import get_family, output_kwargs
 from ..graph import replace_module
 from ..nested import flat_output, run_model, tensors
+from ..progress import track
 from .base import AllocationContext, register_allocator
 from .cache import (SENSITIVITY_VERSION, check_cache_path, load_table, model_fingerprint,
                     save_table, tensor_digest)
@@ -113,7 +114,8 @@ def _score_layers(ctx: AllocationContext, tables: Mapping[str, RankTable],
     score = _scorer(ctx, work)
     alds = get_family("alds")
     scores: dict[str, list[list[float]]] = {}
-    for name, t in tables.items():
+    for name, t in track(tables.items(), "allocator probes", total=len(tables), unit="layer",
+                         note=lambda item: item[0]):
         old = work.get_submodule(name)
         wanted = sorted({1} | {ratio_rank(r, t.full) for r in ratios})
         rows = []

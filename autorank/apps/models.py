@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
+from .._util import require
+
 __all__ = ["ModelSpec", "register_model", "available_models", "load_model"]
 
 
@@ -73,16 +75,21 @@ def _load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-            state = state["state_dict"]
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # SafetensorError, UnpicklingError, RuntimeError, EOFError, ...: all mean "not readable"
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch.save (loaded with weights_only=True)"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable {kind} file: {first}") from None
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
     if not isinstance(state, Mapping):
-        raise ValueError(f"checkpoint {str(path)!r} does not hold a state_dict")
+        raise ValueError(f"checkpoint {str(path)!r} does not hold a state_dict (got {type(state).__name__})")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -91,20 +98,19 @@ def _load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> None:
 
 
 def load_model(spec: str, checkpoint: str | os.PathLike | None = None,
-               input_shape: list[int] | tuple[int, ...] | None = None) -> ModelSpec:
+               input_shape: list[int] | tuple[int, ...] | None = None,
+               shape_hint: str = "set input_shape = [...] in the config") -> ModelSpec:
     """Resolve a model spec string (see the module docstring) into a :class:`ModelSpec`.
 
-    ``input_shape`` overrides the example input (a ``torch.randn`` of that shape, seed 0).
+    ``input_shape`` overrides the example input (a ``torch.randn`` of that shape, seed 0);
+    ``shape_hint`` is how the caller's user sets it (the CLI says ``--input-shape``).
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"model must be a non-empty spec string, got {spec!r}")
     if spec in _MODELS:
         out = _MODELS[spec]()
     elif spec.startswith("torchvision:"):
-        try:
-            import torchvision.models as tvm
-        except ImportError:
-            raise ValueError(f"model {spec!r} needs torchvision (pip install autorank[vision])") from None
+        tvm = require("torchvision.models", f"model {spec!r}")
         name = spec.split(":", 1)[1]
         try:
             builder = tvm.get_model_builder(name)
@@ -116,9 +122,13 @@ def load_model(spec: str, checkpoint: str | os.PathLike | None = None,
         mod_name, _, fn_name = spec.partition(":")
         try:
             fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"model {spec!r}: cannot import {fn_name!r} from {mod_name!r} ({exc})") from None
-        built = fn()
+        except Exception as exc:  # ImportError, AttributeError, or whatever the module raises on import
+            raise ValueError(f"model {spec!r}: cannot import {fn_name!r} from {mod_name!r} "
+                             f"({type(exc).__name__}: {exc})") from None
+        try:
+            built = fn()
+        except Exception as exc:  # the user's builder failed: say so, keep the cause for -v tracebacks
+            raise ValueError(f"model {spec!r}: {fn_name}() raised {type(exc).__name__}: {exc}") from exc
         if isinstance(built, ModelSpec):
             out = built
         elif isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
@@ -137,6 +147,6 @@ def load_model(spec: str, checkpoint: str | os.PathLike | None = None,
         x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
         out = ModelSpec(out.model, x)
     if out.example_inputs is None:
-        raise ValueError(f"model {spec!r} has no example inputs; set input_shape = [...] in the config")
+        raise ValueError(f"model {spec!r} has no example inputs; {shape_hint}")
     out.model.eval()
     return out

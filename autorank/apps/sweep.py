@@ -34,6 +34,7 @@ from ..finetune import Finetune
 from ..graph import analyze
 from ..latency import layer_latencies, measure_latency
 from ..pipeline import CompressStep, Settings
+from ..progress import Progress, progress_scope, stage
 from .models import ModelSpec, available_models, load_model, register_model
 
 __all__ = [
@@ -49,8 +50,8 @@ RESULTS_VERSION = 1
 DATASETS = ("mnist",)
 CSV_COLUMNS = (
     "method", "allocator", "budget", "status", "params", "flops", "params_frac", "flops_frac",
-    "latency_ms", "latency_iqr_ms", "speedup", "metric_before", "metric_after", "max_error",
-    "network_bound", "slower_layers", "wall_s",
+    "latency_ms", "latency_iqr_ms", "speedup", "speedup_low", "speedup_high", "speedup_noisy", "metric_before",
+    "metric_after", "max_error", "network_bound", "slower_layers", "wall_s",
 )
 
 
@@ -353,8 +354,24 @@ def _calibration_batches(train: Any, samples: int | None, batch_size: int = 64) 
     return list(images.split(batch_size))
 
 
+def speedup_spread(base: Mapping[str, float], lat: Mapping[str, float]) -> dict[str, Any]:
+    """The speed-up ``base median / row median`` with its spread, from the quartiles of both timings.
+
+    ``speedup_low = base q25 / row q75`` and ``speedup_high = base q75 / row q25`` bound the
+    ratio of a typical pair of passes; when ``1`` lies between them the timing noise is as
+    large as the effect (``speedup_noisy``), so "faster" or "slower" cannot be read from the row.
+    """
+    out: dict[str, Any] = {"speedup": base["median_s"] / lat["median_s"], "speedup_low": None,
+                           "speedup_high": None, "speedup_noisy": None}
+    if base.get("q25_s") and base.get("q75_s") and lat.get("q25_s") and lat.get("q75_s"):
+        low, high = base["q25_s"] / lat["q75_s"], base["q75_s"] / lat["q25_s"]
+        out.update(speedup_low=low, speedup_high=high, speedup_noisy=bool(low <= 1.0 <= high))
+    return out
+
+
 def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLike,
-              resume: bool = True, model_spec: ModelSpec | None = None) -> dict[str, Any]:
+              resume: bool = True, model_spec: ModelSpec | None = None,
+              progress: bool | None = None) -> dict[str, Any]:
     """Run every ``method x budget`` row of ``config`` and write the results into ``out_dir``.
 
     The layer graph and the error curves are computed once (per distinct curve
@@ -362,13 +379,20 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
     at once to ``results.json`` (with its plan) and ``results.csv``; with
     ``resume=True`` rows already in ``results.json`` are skipped (the stored config must
     name the same model, data and metric).  ``model_spec`` overrides the config's model
-    (tests, or a model built in Python).
+    (tests, or a model built in Python).  ``progress`` (True / False / None = automatic,
+    :mod:`autorank.progress`) reports row ``i`` of ``n`` with its method and budget, and
+    the steps inside each row.
 
     Returns the results state (``{"version", "config", "baseline", "rows", ...}``).
     """
     if not isinstance(config, SweepConfig):
         config = load_config(config)
-    out = Path(out_dir)
+    with progress_scope(progress):
+        return _run_sweep(config, Path(out_dir), resume, model_spec, progress)
+
+
+def _run_sweep(config: SweepConfig, out: Path, resume: bool, model_spec: ModelSpec | None,
+               progress: bool | None) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {str(out)!r} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -394,78 +418,100 @@ def run_sweep(config: SweepConfig | str | os.PathLike, out_dir: str | os.PathLik
     t0 = time.perf_counter()
     spec = model_spec or load_model(config.model, config.checkpoint, config.input_shape)
     model, x = spec.model, spec.example_inputs
+    if config.metric == "latency":  # a latency budget is a fraction of the time on the batch latency is reported on
+        x = spec.latency_inputs
     train, evaluate = _evaluator(config.data)
-    graph = analyze(model, x)
+    with stage("sweep: analysis and the original's latency", progress):
+        graph = analyze(model, x)
+        base_lat = measure_latency(model, spec.latency_inputs, config.latency_repeats,
+                                   threads=config.latency_threads)
     import networkx as nx
 
     _write_atomic(out / "graph.json", json.dumps(nx.node_link_data(graph.graph, edges="edges"), default=str))
-    base_lat = measure_latency(model, spec.latency_inputs, config.latency_repeats, threads=config.latency_threads)
     if state["baseline"] is None:
         state["baseline"] = {
             "params": graph.total_params, "flops": graph.total_flops,
             "metric": evaluate(model) if evaluate else None,
             "latency_ms": base_lat["median_s"] * 1e3,
         }
+    # this run's timing of the original: the speed-ups of its rows are against it
+    state["baseline"].update(latency_ms=base_lat["median_s"] * 1e3, latency_q25_ms=base_lat["q25_s"] * 1e3,
+                             latency_q75_ms=base_lat["q75_s"] * 1e3)
     log.info("sweep: analysed %s in %.1fs; original latency %.2f ms", config.model,
              time.perf_counter() - t0, base_lat["median_s"] * 1e3)
 
     calibration = _calibration_batches(train, config.calibration)
     prepared: dict[str, Any] = {}  # per distinct curve and data setting: the graph, moments and curves
     alloc_cache: dict[str, Any] = {}  # e.g. the sensitivity allocator's table, shared by all rows
-    for method, budget in todo:
-        t_row = time.perf_counter()
-        step = CompressStep(x, method.settings(config.metric), calibration=calibration, evaluate=evaluate,
-                            progress=False)
-        key = json.dumps({"curves": step.settings.curves.to_dict(), "data": step.parts}, sort_keys=True)
-        if key not in prepared:
-            t = time.perf_counter()
-            prepared[key] = step.prepare(model)
-            log.info("sweep: error curves (%s) in %.1fs", key, time.perf_counter() - t)
-            if not (out / "curves.json").is_file():
-                _write_atomic(out / "curves.json", json.dumps(curves_data(prepared[key].curves)))
-        row: dict[str, Any] = {"method": method.name, "allocator": method.allocator, "budget": budget}
-        work = copy.deepcopy(model)  # the original stays the teacher and the reference
-        try:
-            result = step(work, budget, prepared=prepared[key], cache=alloc_cache)
-        except ValueError as exc:
-            log.warning("sweep: %s at budget %g: %s", method.name, budget, exc)
-            row.update(status=f"infeasible: {exc}", wall_s=time.perf_counter() - t_row)
-            state["rows"].append(row)
-            _write_results(out, state)
-            continue
-        plan = result.plan
-        row["allocator"] = plan.config["allocator"]  # what ran (alds_output in place of alds with calibration)
-        before = evaluate(work) if evaluate else None
-        after = None
-        if config.finetune is not None:
-            ft = config.finetune
-            Finetune(train, epochs=ft.epochs, lr=ft.lr, distill=ft.distill, batch_size=ft.batch_size,
-                     seed=ft.seed, progress=False)(work, 0, teacher=model if ft.distill else None)
-            after = evaluate(work) if evaluate else None
-        lat = measure_latency(work, spec.latency_inputs, config.latency_repeats, threads=config.latency_threads)
-        per_layer = layer_latencies(model, work, plan, spec.latency_inputs, config.latency_repeats,
-                                    threads=config.latency_threads)
-        slower = [r["name"] for r in per_layer if r["slower"]]
-        if slower:
-            log.warning("sweep: %s @ %g: factorised layer(s) measured slower than dense: %s",
-                        method.name, budget, ", ".join(slower))
-        row.update(
-            status="ok", params=plan.totals["params"], flops=plan.totals["flops"],
-            params_frac=plan.totals["params"] / graph.total_params,
-            flops_frac=plan.totals["flops"] / max(graph.total_flops, 1),
-            latency_ms=lat["median_s"] * 1e3, latency_iqr_ms=lat["iqr_s"] * 1e3,
-            speedup=base_lat["median_s"] / lat["median_s"], metric_before=before, metric_after=after,
-            max_error=plan.max_error, network_bound=plan.network_bound,
-            slower_layers=" ".join(slower), layer_latency=per_layer,
-            wall_s=time.perf_counter() - t_row, plan=plan.to_dict(),
-        )
-        state["rows"].append(row)
-        _write_results(out, state)
-        log.info("sweep: %s @ %g: %s params, metric %s -> %s, %.1fs", method.name, budget,
-                 f"{row['params']:,}", before, after, row["wall_s"])
+    rows = Progress("sweep rows", total=len(todo), progress=progress, unit="row", interval=0)
+    try:
+        for method, budget in todo:
+            rows.announce(f"{method.name} @ budget {budget:g}")
+            _run_row(config, out, state, method, budget, model, x, spec, train, evaluate, graph, base_lat,
+                     calibration, prepared, alloc_cache, progress)
+            rows.update(1, f"{method.name} @ {budget:g}")
+    finally:
+        rows.close(rows.n == len(todo))
     state["timings"] = {"last_run_s": time.perf_counter() - t0}
     _write_results(out, state)
     return state
+
+
+def _run_row(config: SweepConfig, out: Path, state: dict[str, Any], method: MethodSpec, budget: float,
+             model: Any, x: Any, spec: ModelSpec, train: Any, evaluate: Any, graph: Any, base_lat: dict[str, Any],
+             calibration: Any, prepared: dict[str, Any], alloc_cache: dict[str, Any],
+             progress: bool | None) -> None:
+    """One ``method x budget`` row: compress, fine-tune, evaluate, time; appended to the results at once."""
+    t_row = time.perf_counter()
+    step = CompressStep(x, method.settings(config.metric), calibration=calibration, evaluate=evaluate,
+                        progress=progress)
+    key = json.dumps({"curves": step.settings.curves.to_dict(), "data": step.parts}, sort_keys=True)
+    if key not in prepared:
+        t = time.perf_counter()
+        prepared[key] = step.prepare(model)
+        log.info("sweep: error curves (%s) in %.1fs", key, time.perf_counter() - t)
+        if not (out / "curves.json").is_file():
+            _write_atomic(out / "curves.json", json.dumps(curves_data(prepared[key].curves)))
+    row: dict[str, Any] = {"method": method.name, "allocator": method.allocator, "budget": budget}
+    work = copy.deepcopy(model)  # the original stays the teacher and the reference
+    try:
+        result = step(work, budget, prepared=prepared[key], cache=alloc_cache)
+    except ValueError as exc:
+        log.warning("sweep: %s at budget %g: %s", method.name, budget, exc)
+        row.update(status=f"infeasible: {exc}", wall_s=time.perf_counter() - t_row)
+        state["rows"].append(row)
+        _write_results(out, state)
+        return
+    plan = result.plan
+    row["allocator"] = plan.config["allocator"]  # what ran (alds_output in place of alds with calibration)
+    before = evaluate(work) if evaluate else None
+    after = None
+    if config.finetune is not None:
+        ft = config.finetune
+        Finetune(train, epochs=ft.epochs, lr=ft.lr, distill=ft.distill, batch_size=ft.batch_size,
+                 seed=ft.seed, progress=progress)(work, 0, teacher=model if ft.distill else None)
+        after = evaluate(work) if evaluate else None
+    lat = measure_latency(work, spec.latency_inputs, config.latency_repeats, threads=config.latency_threads)
+    per_layer = layer_latencies(model, work, plan, spec.latency_inputs, config.latency_repeats,
+                                threads=config.latency_threads)
+    slower = [r["name"] for r in per_layer if r["slower"]]
+    if slower:
+        log.warning("sweep: %s @ %g: factorised layer(s) measured slower than dense: %s",
+                    method.name, budget, ", ".join(slower))
+    row.update(
+        status="ok", params=plan.totals["params"], flops=plan.totals["flops"],
+        params_frac=plan.totals["params"] / graph.total_params,
+        flops_frac=plan.totals["flops"] / max(graph.total_flops, 1),
+        latency_ms=lat["median_s"] * 1e3, latency_iqr_ms=lat["iqr_s"] * 1e3,
+        **speedup_spread(base_lat, lat), metric_before=before, metric_after=after,
+        max_error=plan.max_error, network_bound=plan.network_bound,
+        slower_layers=" ".join(slower), layer_latency=per_layer,
+        wall_s=time.perf_counter() - t_row, plan=plan.to_dict(),
+    )
+    state["rows"].append(row)
+    _write_results(out, state)
+    log.info("sweep: %s @ %g: %s params, metric %s -> %s, %.1fs", method.name, budget,
+             f"{row['params']:,}", before, after, row["wall_s"])
 
 
 def results_table(state: Mapping[str, Any]) -> str:
@@ -473,8 +519,15 @@ def results_table(state: Mapping[str, Any]) -> str:
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    head = ("method", "budget", "params", "MACs", "latency ms", "speed-up", "metric before", "metric after",
-            "max error", "wall s")
+    head = ("method", "budget", "params", "MACs", "latency ms", "speed-up [q25/q75 range]", "metric before",
+            "metric after", "max error", "wall s")
+
+    def speed(r: Mapping[str, Any]) -> str:
+        text = f(r.get("speedup"), ".2f")
+        if r.get("speedup_low") is not None and r.get("speedup_high") is not None:
+            text += f" [{r['speedup_low']:.2f}-{r['speedup_high']:.2f}]" + (" ~" if r.get("speedup_noisy") else "")
+        return text
+
     rows = []
     base = state.get("baseline") or {}
     if base:
@@ -485,8 +538,14 @@ def results_table(state: Mapping[str, Any]) -> str:
             rows.append((r["method"], f"{r['budget']:g}", r.get("status", "?")[:40], *("-",) * 7))
             continue
         rows.append((r["method"], f"{r['budget']:g}", f"{r['params']:,}", f"{r['flops']:,}",
-                     f(r["latency_ms"], ".2f"), f(r["speedup"], ".2f"), f(r["metric_before"], ".2f"),
+                     f(r["latency_ms"], ".2f"), speed(r), f(r["metric_before"], ".2f"),
                      f(r["metric_after"], ".2f"), f(r["max_error"], ".4f"), f(r["wall_s"], ".1f")))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = "  ".join(f"{{:>{w}}}" for w in widths)
-    return "\n".join([line.format(*head), line.format(*("-" * w for w in widths))] + [line.format(*r) for r in rows])
+    lines = [line.format(*head), line.format(*("-" * w for w in widths))] + [line.format(*r) for r in rows]
+    noisy = [r for r in state.get("rows", []) if r.get("status") == "ok" and r.get("speedup_noisy")]
+    if noisy:
+        lines.append(f"~ {len(noisy)} row(s): the timing spread includes 1.00x, so the noise is as large as "
+                     "the effect; neither faster nor slower can be read from them (a busy machine? "
+                     "raise [latency] repeats or fix threads)")
+    return "\n".join(ln.rstrip() for ln in lines)

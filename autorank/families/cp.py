@@ -54,27 +54,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .._util import require
 from ..config import CurveConfig
 from ..graph import LayerInfo
 from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
 from .base import CandidateColumns, Family, family_options, register_family
 from .conv import (Conv2dGeometry, as_pair, call_flops, dense_conv, leading_left, require_geometry,
-                   supports_multi_tap_conv, unfold_in, unfold_out)
+                   supports_multi_tap_conv, top_eigen, unfold_in, unfold_out)
 
-__all__ = ["CPFactors", "cp_rank_limit", "cp_factors", "cp_weight", "cp_cost", "CPConv", "CP"]
+__all__ = ["CPFactors", "cp_rank_limit", "cp_factors", "cp_chain", "cp_errors", "cp_weight", "cp_cost", "CPConv",
+           "CP"]
 
 log = logging.getLogger(__name__)
 
 NAME = "cp"
-DEFAULTS: dict[str, Any] = {"max_rank": 48, "n_iter_max": 100, "tol": 1e-7}
+DEFAULTS: dict[str, Any] = {"max_rank": 48, "n_iter_max": 100, "tol": 1e-7, "warm_iters": 30}
 SEED = 0  # random_state of every fit (only the initial columns beyond a mode's size are random)
 
 
@@ -91,6 +93,8 @@ class CPFactors:
     vertical: torch.Tensor
     horizontal: torch.Tensor
     iters: int
+    compressed: tuple[np.ndarray, ...] | None = field(default=None, repr=False, compare=False)
+    """the ALS factors in the compressed channel bases (weights folded into the first), for a warm start"""
 
     @property
     def rank(self) -> int:
@@ -105,7 +109,7 @@ def cp_rank_limit(shape: Sequence[int]) -> int:
 @contextlib.contextmanager
 def _numpy_backend() -> Iterator[None]:
     """tensorly's numpy backend for this thread only; the global (and other threads') backend is untouched."""
-    import tensorly as tl
+    tl = require("tensorly", f'families=["{NAME}"]')
 
     old = tl.get_backend()
     if old == "numpy":
@@ -135,13 +139,17 @@ def _svd_init(core: np.ndarray, rank: int, seed: int) -> list[np.ndarray]:
 
 @torch.no_grad()
 def cp_factors(weight: torch.Tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-7,
-               seed: int = SEED, bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> CPFactors:
+               seed: int = SEED, bases: tuple[torch.Tensor, torch.Tensor] | None = None,
+               warm: CPFactors | None = None) -> CPFactors:
     """Rank-``rank`` CP factors of a conv kernel ``weight`` (``f x c x kh x kw``), see the module docstring.
 
     ``bases``: the full :func:`autorank.families.conv.leading_left` bases of the output- and
-    input-channel unfoldings (shared by every rank of a layer).  Raises ValueError for a bad
-    rank and FloatingPointError when the fit is not finite.
+    input-channel unfoldings (shared by every rank of a layer).  ``warm``: a fit of a lower
+    rank of the same kernel to start from (its components, zero-padded to the larger
+    compressed bases, which are nested, then the ``svd`` initialisation's columns beyond its
+    rank).  Raises ValueError for a bad rank and FloatingPointError when the fit is not finite.
     """
+    require("tensorly", f'families=["{NAME}"]')
     from tensorly.cp_tensor import CPTensor
     from tensorly.decomposition import parafac
 
@@ -155,13 +163,18 @@ def cp_factors(weight: torch.Tensor, rank: int, n_iter_max: int = 100, tol: floa
     u_out, u_in = bases[0][:, :min(f, rank)], bases[1][:, :min(c, rank)]
     core = torch.einsum("fcyx,fa,cb->abyx", w, u_out, u_in).cpu().numpy()
     with _numpy_backend(), np.errstate(all="ignore"):
-        init = CPTensor((np.ones(rank), _svd_init(core, rank, seed)))
+        start = _svd_init(core, rank, seed)
+        if warm is not None and warm.compressed is not None and warm.rank < rank:
+            start = [np.concatenate([np.pad(p, ((0, a.shape[0] - p.shape[0]), (0, 0))), a[:, p.shape[1]:]], axis=1)
+                     for p, a in zip(warm.compressed, start)]
+        init = CPTensor((np.ones(rank), start))
         (weights, factors), errors = parafac(core, rank, n_iter_max=n_iter_max, init=init, tol=tol,
                                              random_state=seed, return_errors=True)
     factors = [np.asarray(a, dtype=np.float64) for a in factors]
     factors[0] = factors[0] * np.asarray(weights, dtype=np.float64)[None, :]
     if not all(np.all(np.isfinite(a)) for a in factors):
         raise FloatingPointError(f"{NAME}: the rank-{rank} ALS fit is not finite")
+    compressed = tuple(a.copy() for a in factors)
     # balance: every factor's columns get the same norm, the geometric mean of the four
     norms = np.stack([np.linalg.norm(a, axis=0) for a in factors])  # (4, R)
     scale = np.prod(norms, axis=0) ** 0.25
@@ -171,7 +184,77 @@ def cp_factors(weight: torch.Tensor, rank: int, n_iter_max: int = 100, tol: floa
         return torch.from_numpy(np.ascontiguousarray(a)).to(w.device)
 
     return CPFactors(out=u_out @ as_t(factors[0]), inp=u_in @ as_t(factors[1]), vertical=as_t(factors[2]),
-                     horizontal=as_t(factors[3]), iters=len(errors))
+                     horizontal=as_t(factors[3]), iters=len(errors), compressed=compressed)
+
+
+def cp_chain(weight: torch.Tensor, ranks: Sequence[int], first_iters: int, tol: float, warm_iters: int,
+             bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[CPFactors | None]:
+    """Warm-started fits at ascending ``ranks``; ``None`` where a fit failed (then the next starts from the last good one).
+
+    The first rank is fitted cold (at most ``first_iters`` sweeps, stopping at ``tol``), each
+    later one from the previous fit with exactly ``warm_iters`` sweeps, so the whole chain is
+    reproduced from ``(ranks, iters of the first fit, warm_iters)``.
+    """
+    w = weight.detach().to(torch.float64)
+    if bases is None:
+        bases = (leading_left(unfold_out(w)), leading_left(unfold_in(w)))
+    out: list[CPFactors | None] = []
+    prev = None
+    for i, r in enumerate(ranks):
+        try:
+            if prev is None:
+                fac = cp_factors(w, int(r), first_iters, tol if i == 0 else 0.0, bases=bases) if i == 0 else \
+                    cp_factors(w, int(r), warm_iters, 0.0, bases=bases)
+            else:
+                fac = cp_factors(w, int(r), warm_iters, 0.0, bases=bases, warm=prev)
+        except (FloatingPointError, np.linalg.LinAlgError, ValueError) as exc:
+            log.debug("cp: rank %d of a %s kernel skipped: %s", r, tuple(w.shape), exc)
+            out.append(None)
+            continue
+        out.append(fac)
+        prev = fac
+    return out
+
+
+@torch.no_grad()
+def cp_errors(weight: torch.Tensor, fits: Sequence[CPFactors], bases: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
+    r"""``||W - W_hat||_2 / ||W||_2`` of each fit, without building the ``f x c*kh*kw`` residual.
+
+    A fit lies in the compressed bases: ``W_hat = U_out[:, :p] D U_in[:, :q]^T`` along the two
+    channel modes.  In the full bases ``W`` is its rotated core ``T`` (same norm) and only the
+    block ``H_p = T[:p, :q*K]`` of the residual changes, to ``R = H_p - D``; with ``H = T[:, :q*K]``,
+
+        E E^T = T T^T + [[R R^T - H_p H_p^T, -D H_r^T], [-H_r D^T, 0]],
+
+    ``H_r`` the rows of ``H`` below ``p``; then ``lambda_max`` by :func:`top_eigen`.  ``O(f p q K)``
+    per fit instead of ``O(f^2 c K)`` and an eigendecomposition.
+    """
+    w = weight.detach().to(torch.float64)
+    f, c = w.shape[:2]
+    u_out, u_in = bases
+    t = torch.einsum("ack,cb->abk", (u_out.T @ w.reshape(f, -1)).reshape(f, c, -1), u_in)  # f x c x K
+    taps = t.shape[2]
+    gram = t.reshape(f, -1) @ t.reshape(f, -1).T
+    norm2, _ = top_eigen(gram)
+    errors = np.zeros(len(fits), dtype=np.float64)
+    if norm2 <= 0.0:
+        return errors
+    start = None
+    for i, fac in enumerate(fits):
+        a, b, ky, kx = (torch.from_numpy(np.ascontiguousarray(x)).to(t) for x in fac.compressed)
+        p, q = a.shape[0], b.shape[0]
+        d = torch.einsum("ar,br,yr,xr->abyx", a, b, ky, kx).reshape(p, q * taps)
+        h = t[:, :q].reshape(f, q * taps)
+        hp, hr = h[:p], h[p:]
+        res = hp - d
+        e = gram.clone()
+        e[:p, :p] += res @ res.T - hp @ hp.T
+        cross = -(d @ hr.T)
+        e[:p, p:] += cross
+        e[p:, :p] += cross.T
+        lam, start = top_eigen(e, start)
+        errors[i] = np.sqrt(max(lam, 0.0) / norm2)
+    return errors
 
 
 def cp_weight(out: torch.Tensor, inp: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor) -> torch.Tensor:
@@ -245,6 +328,8 @@ class CPConv(Factorized, nn.Sequential):
 
 def _options(config: CurveConfig) -> dict[str, Any]:
     opts = family_options(config, NAME, DEFAULTS)
+    if opts["warm_iters"] < 0:
+        raise ValueError(f"CurveConfig.options['{NAME}']['warm_iters'] must be >= 0, got {opts['warm_iters']!r}")
     for key in ("max_rank", "n_iter_max"):
         if opts[key] < 1:
             raise ValueError(f"CurveConfig.options['{NAME}']['{key}'] must be >= 1, got {opts[key]!r}")
@@ -270,26 +355,46 @@ def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
     opts = _options(config)
     f, c, (kh, kw) = geom.out_channels, geom.in_channels, geom.kernel
     w = module.weight.detach()
-    ranks, iters, approx = [], [], []
+    top = min(opts["max_rank"], cp_rank_limit(w.shape))
+    grid = rank_grid(top, config.grid_points)
+
+    def flops_of(rank: np.ndarray) -> np.ndarray:
+        return call_flops(info, geom, lambda n, h, w_, ho, wo: rank * (c * n * h * w_ + kh * n * ho * w_
+                                                                        + (kw + f) * n * ho * wo))
+
+    params = np.asarray(cp_cost(grid, geom), dtype=np.int64) + (f if geom.bias else 0)
+    grid = grid[(params < info.dense_params) | (flops_of(grid) < info.dense_flops)]  # the others are never kept
     bases = (leading_left(unfold_out(w)), leading_left(unfold_in(w)))
-    for r in rank_grid(min(opts["max_rank"], cp_rank_limit(w.shape)), config.grid_points):
-        try:
-            fac = cp_factors(w, int(r), opts["n_iter_max"], opts["tol"], bases=bases)
-        except (FloatingPointError, np.linalg.LinAlgError, ValueError) as exc:
-            log.debug("cp: rank %d of a %s kernel skipped: %s", r, tuple(w.shape), exc)
-            continue
-        # the kernel of the realised layer: factors rounded to the layer's dtype, product in float64
-        factors = (fac.out, fac.inp, fac.vertical, fac.horizontal)
-        approx.append(cp_weight(*(t.to(w.dtype) for t in factors)).reshape(f, -1))
-        ranks.append(int(r))
-        iters.append(fac.iters)
-    rank = np.asarray(ranks, dtype=np.int64)
-    error = relative_errors(w.reshape(f, -1), approx, moment)
+    warm = opts["warm_iters"]
+    if warm > 0:
+        fits = cp_chain(w, grid, opts["n_iter_max"], opts["tol"], warm, bases)
+    else:
+        fits = []
+        for r in grid:
+            try:
+                fits.append(cp_factors(w, int(r), opts["n_iter_max"], opts["tol"], bases=bases))
+            except (FloatingPointError, np.linalg.LinAlgError, ValueError) as exc:
+                log.debug("cp: rank %d of a %s kernel skipped: %s", r, tuple(w.shape), exc)
+                fits.append(None)
+    ok = [i for i, fac in enumerate(fits) if fac is not None]
+    good = [fits[i] for i in ok]
+    rank = grid[ok].astype(np.int64)
+    if moment is None:
+        error = cp_errors(w, good, bases)
+    else:  # data-aware: measured on the realised kernels (factors rounded to the layer's dtype)
+        approx = (cp_weight(*(t.to(w.dtype) for t in (fac.out, fac.inp, fac.vertical, fac.horizontal)))
+                  .reshape(f, -1) for fac in good)
+        error = relative_errors(w.reshape(f, -1), approx, moment)
+    first = fits[0].iters if warm > 0 and fits and fits[0] is not None else 0
+    iters = (np.full(len(rank), first, np.int64) if warm > 0
+             else np.asarray([fac.iters for fac in good], dtype=np.int64))
+    hyper = {"rank": rank, "iters": iters}
+    if warm > 0:
+        hyper.update(warm_iters=np.full(len(rank), warm, np.int64), chain_top=np.full(len(rank), top, np.int64),
+                     chain_points=np.full(len(rank), config.grid_points, np.int64))
     params = np.asarray(cp_cost(rank, geom), dtype=np.int64) + (f if geom.bias else 0)
-    flops = call_flops(info, geom, lambda n, h, w_, ho, wo: rank * (c * n * h * w_ + kh * n * ho * w_
-                                                                     + (kw + f) * n * ho * wo))
-    return CandidateColumns(hyper={"rank": rank, "iters": np.asarray(iters, dtype=np.int64)},
-                            error=error, error_lower=error.copy(), params=params, flops=flops)
+    return CandidateColumns(hyper=hyper, error=error, error_lower=error.copy(), params=params,
+                            flops=flops_of(rank))
 
 
 def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None = None,
@@ -309,7 +414,19 @@ def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None 
                       geom.dilation, geom.bias, geom.padding_mode, device=w.device, dtype=w.dtype)
     if iters is None:
         return CPConv.from_dense(module, rank)
-    return CPConv.from_dense(module, rank, n_iter_max=iters, tol=0.0)
+    if "warm_iters" not in hyper:
+        return CPConv.from_dense(module, rank, n_iter_max=iters, tol=0.0)
+    chain = check_hyper(NAME, hyper, ("warm_iters", "chain_top", "chain_points"))
+    ranks = rank_grid(chain["chain_top"], chain["chain_points"])
+    if rank not in ranks:
+        raise ValueError(f"{NAME}: hyperparameter rank={rank} is not on the warm-start chain "
+                         f"rank_grid({chain['chain_top']}, {chain['chain_points']})")
+    ranks = ranks[ranks <= rank]
+    # the first fit ran `iters` sweeps (tol-stopped); rerun exactly that many, then the warm sweeps
+    fits = cp_chain(module.weight, ranks, iters, 0.0, chain["warm_iters"])
+    if fits[-1] is None:
+        raise FloatingPointError(f"{NAME}: the rank-{rank} ALS fit is not finite")
+    return CPConv.from_dense(module, rank, factors=fits[-1])
 
 
 CP = register_family(

@@ -6,8 +6,8 @@ r"""Spatial SVD of a 2-D convolution (Jaderberg et al., 2014; Tai et al., 2016).
     M[(c, i), (j, f)] = W[f, c, i, j]
 
 and keep its rank-``K`` truncated SVD ``M ~= U_K S_K V_K^T`` (Eckart-Young optimal
-for ``M``, not for the layer's matrix ``f x (c*kh*kw)``, so the layer error is
-*measured*).  With the singular values split evenly,
+for ``M``, not for the layer's matrix ``f x (c*kh*kw)``; the layer error of every rank
+still has a closed form, :func:`spatial_svd_errors`).  With the singular values split evenly,
 
     V[k, c, i] = U[(c, i), k] sqrt(s_k)        (vertical filters, kh x 1)
     H[f, k, j] = sqrt(s_k) V[(j, f), k]         (horizontal filters, 1 x kw)
@@ -29,10 +29,13 @@ call on an ``N x c x H x W`` input with output ``Ho x Wo``:
     K*c*kh * N*Ho*W   (vertical, full input width)  +  f*K*kw * N*Ho*Wo   (horizontal)
 
 **Candidates.**  ``K`` on :func:`autorank.measures.rank_grid` up to
-``min(c*kh, kw*f)``, all from one SVD; the error of each is that of the realised
-layer (weight-only ``||W - W_hat||_2 / ||W||_2`` or, with a calibration moment, the
-data-aware one), via :func:`autorank.measures.relative_errors`.  The factors are
-always fitted to the weights.  No options.
+``min(c*kh, kw*f)`` (those cheaper than the dense layer in parameters or MACs), all from
+one SVD.  Weight-only, the error ``||W - W_hat||_2 / ||W||_2`` of every rank comes from
+the tail sums of :func:`spatial_svd_errors` (no layer built; it equals the realised
+layer's up to the rounding of the factors to the layer's dtype); with a calibration
+moment the data-aware error is measured on the realised kernels
+(:func:`autorank.measures.relative_errors`).  The factors are always fitted to the
+weights.  No options.
 
 The 2-D conv geometry helpers it shares with the other convolution families are in
 :mod:`.conv`.
@@ -52,9 +55,11 @@ from ..graph import LayerInfo
 from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
 from .base import CandidateColumns, Family, family_options, register_family
-from .conv import Conv2dGeometry, as_pair, call_flops, conv2d_geometry, dense_conv, require_geometry
+from .conv import (Conv2dGeometry, as_pair, call_flops, conv2d_geometry, dense_conv, require_geometry,
+                   top_eigen)
 
 __all__ = ["spatial_matrix", "spatial_svd", "spatial_svd_factors", "spatial_svd_weight", "spatial_svd_cost",
+           "spatial_svd_errors",
            "SpatialSVDConv", "SPATIAL_SVD"]
 
 # the conv helpers moved to .conv; the ones not imported above are deprecated here
@@ -100,6 +105,46 @@ def spatial_svd_factors(weight: torch.Tensor, rank: int,
     vertical = (u[:, :rank] * root).reshape(c, kh, rank).permute(2, 0, 1).unsqueeze(-1)
     horizontal = (root[:, None] * vh[:rank]).reshape(rank, kw, f).permute(2, 0, 1).unsqueeze(2)
     return vertical.contiguous(), horizontal.contiguous()
+
+
+@torch.no_grad()
+def spatial_svd_errors(weight: torch.Tensor, ranks: Sequence[int] | np.ndarray,
+                       svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
+    r"""``||W - W_hat_K||_2 / ||W||_2`` (of the ``f x c*kh*kw`` weight matrix) at every rank ``K``, with none built.
+
+    The rank-``K`` truncation keeps the leading ``K`` left singular vectors ``u_r`` of
+    :func:`spatial_matrix`: ``W_hat = W Q_K`` with ``Q_K = sum_{r<K} u_r u_r^T (x) I_kw``, an
+    orthogonal projection of the columns ``(c, i, j)`` of the weight matrix.  So
+    ``E = W (I - Q_K)`` and
+
+        E E^T = sum_{r >= K} s_r^2 B_r,     B_r[f, g] = sum_j V_r[j, f] V_r[j, g],
+
+    with ``V_r`` the ``r``-th right singular vector reshaped to ``kw x f``: the tail sums,
+    accumulated from the last rank down (no cancellation), then ``lambda_max`` by
+    :func:`autorank.families.conv.top_eigen`.
+    """
+    f, c, kh, kw = weight.shape
+    k = np.asarray(ranks, dtype=np.int64)
+    top = min(c * kh, kw * f)
+    if np.any(k < 1) or np.any(k > top):
+        raise ValueError(f"{NAME}: ranks must be in [1, {top}] for a {c * kh}x{kw * f} kernel matrix")
+    _, s, vh = spatial_svd(weight) if svd is None else svd
+    y = (s[:, None] * vh).reshape(len(s), kw, f)  # s_r V_r
+    tail = torch.zeros(f, f, dtype=torch.float64)
+    norm2, _ = top_eigen(torch.einsum("rjf,rjg->fg", y, y))
+    errors = np.zeros(len(k), dtype=np.float64)
+    if norm2 <= 0.0:
+        return errors
+    done, start = len(s), None
+    for i in np.argsort(-k, kind="stable"):
+        r = int(k[i])
+        if r < done:
+            blk = y[r:done].reshape(-1, f)
+            tail += blk.T @ blk
+            done = r
+        lam, start = top_eigen(tail, start)
+        errors[i] = np.sqrt(max(lam, 0.0) / norm2)
+    return errors
 
 
 def spatial_svd_weight(vertical: torch.Tensor, horizontal: torch.Tensor) -> torch.Tensor:
@@ -185,15 +230,22 @@ def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
     f, c, (kh, kw) = geom.out_channels, geom.in_channels, geom.kernel
     w = module.weight.detach()
     ranks = rank_grid(min(c * kh, kw * f), config.grid_points)
-    svd = spatial_svd(w)
-    # the kernel of the realised layer: factors rounded to the layer's dtype, product in float64
-    approx = (spatial_svd_weight(*(t.to(w.dtype) for t in spatial_svd_factors(w, int(k), svd))).reshape(f, -1)
-              for k in ranks)
-    error = relative_errors(w.reshape(f, -1), approx, moment)
+
+    def flops_of(k: np.ndarray) -> np.ndarray:
+        return call_flops(info, geom, lambda n, h, w_, ho, wo: k * (c * kh * n * ho * w_ + f * kw * n * ho * wo))
+
     params = np.asarray(spatial_svd_cost(ranks, geom), dtype=np.int64) + (f if geom.bias else 0)
-    flops = call_flops(info, geom, lambda n, h, w_, ho, wo: ranks * (c * kh * n * ho * w_ + f * kw * n * ho * wo))
+    keep = (params < info.dense_params) | (flops_of(ranks) < info.dense_flops)  # the others are never kept
+    ranks, params = ranks[keep], params[keep]
+    svd = spatial_svd(w)
+    if moment is None:  # closed form: no factor is built
+        error = spatial_svd_errors(w, ranks, svd)
+    else:  # data-aware: measured on the realised kernels
+        approx = (spatial_svd_weight(*(t.to(w.dtype) for t in spatial_svd_factors(w, int(k), svd))).reshape(f, -1)
+                  for k in ranks)
+        error = relative_errors(w.reshape(f, -1), approx, moment)
     return CandidateColumns(hyper={"rank": ranks}, error=error, error_lower=error.copy(),
-                            params=params, flops=flops)
+                            params=params, flops=flops_of(ranks))
 
 
 def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None = None,

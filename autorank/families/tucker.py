@@ -54,15 +54,17 @@ import torch.nn as nn
 
 from ..config import CurveConfig
 from ..graph import LayerInfo
+from ..linalg import sym_eigh
 from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
 from ..vbmf import evbmf_rank
 from .base import CandidateColumns, Family, family_options, register_family
 from .conv import (Conv2dGeometry, as_pair, call_flops, dense_conv, leading_left, require_geometry,
-                   supports_multi_tap_conv, unfold_in, unfold_out)
+                   supports_multi_tap_conv, top_eigen, unfold_in, unfold_out)
 
 __all__ = ["hosvd", "hooi", "tucker2_core", "tucker2_factors", "tucker2_weight", "tucker2_cost",
-           "tucker2_rankas_pairs", "vbmf_ranks", "Tucker2Conv", "TUCKER2"]
+           "tucker2_rankas_pairs", "hosvd_spectra", "tucker2_hosvd_errors", "tucker2_hosvd_frobenius",
+           "tucker2_error_lower", "vbmf_ranks", "fit", "Tucker2Conv", "TUCKER2"]
 NAME = "tucker2"
 DEFAULTS: dict[str, Any] = {"hooi_iters": 2, "ranks": "grid"}
 RANK_CHOICES = ("grid", "vbmf", "grid+vbmf")
@@ -133,6 +135,111 @@ def tucker2_rankas_pairs(c: int, f: int, points: int) -> tuple[np.ndarray, np.nd
     ratio = (r3 * f) / (r4 * c)
     keep = (ratio <= 2.0) & (ratio >= 0.5)
     return r3[keep].astype(np.int64), r4[keep].astype(np.int64)
+
+
+@torch.no_grad()
+def hosvd_spectra(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lam_in, U_in, lam_out, U_out)``: eigenvalues (descending, ``>= 0``) and eigenvectors of the
+    Gram matrices ``W_(in) W_(in)^T`` (``c x c``) and ``W_(out) W_(out)^T`` (``f x f``), float64.
+
+    ``U_in`` / ``U_out`` are the full HOSVD bases (:func:`hosvd` cuts them); ``lam_out`` are the
+    squared singular values of ``W_(out)``, the ``f x c*kh*kw`` weight matrix.
+    """
+    out = []
+    for unfolding in (unfold_in(weight), unfold_out(weight)):
+        vals, vecs = sym_eigh(unfolding @ unfolding.T)
+        out += [vals.flip(-1).clamp_min(0), vecs.flip(-1)]
+    return out[0], out[1], out[2], out[3]
+
+
+def _rotated(weight: torch.Tensor, bases: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The full HOSVD core ``T = W x_out U_out^T x_in U_in^T`` as an ``f x (c*kh*kw)`` matrix, columns ``(b, y, x)``."""
+    u_in, u_out = bases
+    w = weight.detach().to(torch.float64)
+    f, c = w.shape[:2]
+    t = (u_out.T @ w.reshape(f, -1)).reshape(f, c, -1)
+    return torch.einsum("ack,cb->abk", t, u_in).reshape(f, -1)
+
+
+@torch.no_grad()
+def tucker2_hosvd_errors(weight: torch.Tensor, rank_in: Sequence[int] | np.ndarray,
+                         rank_out: Sequence[int] | np.ndarray,
+                         bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
+    r"""``||W - W_hat||_2 / ||W||_2`` of the truncated HOSVD at every ``(R3, R4)`` pair, with no pair fitted.
+
+    In the full HOSVD bases the kernel is its core ``T`` (``f x c*K``; orthogonal changes of
+    the rows and of the channel blocks of the columns keep ``||.||_2``), and the truncation
+    keeps the block ``A = T[:R4, :R3*K]``, so the residual is ``T`` with ``A`` zeroed and
+
+        E E^T = T T^T - S(R3)   with its ``[R4:, R4:]`` block restored to ``(T T^T)[R4:, R4:]``,
+        S(R3) = T[:, :R3*K] T[:, :R3*K]^T,
+
+    ``S`` accumulated over the sorted ``R3`` (one Gram matrix for all pairs), then
+    ``lambda_max(E E^T)`` by :func:`top_eigen`.  ``bases``: ``(U_in, U_out)`` of :func:`hosvd_spectra`.
+    """
+    w = weight.detach()
+    f, c = w.shape[:2]
+    r3 = np.asarray(rank_in, dtype=np.int64)
+    r4 = np.asarray(rank_out, dtype=np.int64)
+    if r3.shape != r4.shape or np.any(r3 < 1) or np.any(r3 > c) or np.any(r4 < 1) or np.any(r4 > f):
+        raise ValueError(f"{NAME}: rank pairs must be in [1, {c}] x [1, {f}] and of one length")
+    if bases is None:
+        spectra = hosvd_spectra(w)
+        bases = (spectra[1], spectra[3])
+    t = _rotated(w, bases)
+    taps = t.shape[1] // c
+    gram = t @ t.T
+    norm2, _ = top_eigen(gram)
+    errors = np.zeros(len(r3), dtype=np.float64)
+    if norm2 <= 0.0:
+        return errors
+    s = torch.zeros_like(gram)
+    done, start = 0, None
+    for i in np.lexsort((r4, r3)):
+        a, b = int(r3[i]), int(r4[i])
+        if a > done:
+            blk = t[:, done * taps:a * taps]
+            s += blk @ blk.T
+            done = a
+        e = gram - s
+        e[b:, b:] = gram[b:, b:]
+        lam, start = top_eigen(e, start)
+        errors[i] = np.sqrt(max(lam, 0.0) / norm2)
+    return errors
+
+
+@torch.no_grad()
+def tucker2_hosvd_frobenius(weight: torch.Tensor, rank_in: Sequence[int] | np.ndarray,
+                            rank_out: Sequence[int] | np.ndarray,
+                            bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
+    """``||W - W_hat||_F / ||W||_F = sqrt(1 - ||T[:R4, :R3]||_F^2 / ||W||_F^2)`` of the truncated HOSVD.
+
+    The truncation is the orthogonal projection ``W_hat = P_out W (P_in x I)``, so
+    ``||W - W_hat||_F^2 = ||W||_F^2 - ||W_hat||_F^2`` and ``||W_hat||_F = ||G||_F``.
+    """
+    w = weight.detach()
+    if bases is None:
+        spectra = hosvd_spectra(w)
+        bases = (spectra[1], spectra[3])
+    t = _rotated(w, bases)
+    f, c = w.shape[:2]
+    t = t.reshape(f, c, -1)
+    energy = (t * t).sum(-1)  # f x c
+    cum = energy.cumsum(0).cumsum(1)  # cum[a-1, b-1] = ||T[:a, :b]||_F^2
+    total = float(energy.sum())
+    if total <= 0.0:
+        return np.zeros(len(np.asarray(rank_in)), dtype=np.float64)
+    kept = cum[np.asarray(rank_out) - 1, np.asarray(rank_in) - 1].numpy()
+    return np.sqrt(np.clip(1.0 - kept / total, 0.0, None))
+
+
+def tucker2_error_lower(lam_out: torch.Tensor, rank_out: np.ndarray) -> np.ndarray:
+    """``sigma_{R4+1}(W_(out)) / sigma_1``: no rank-``R4``-output Tucker-2 (nor HOOI) does better (Eckart-Young)."""
+    lam = lam_out.numpy()
+    if len(lam) == 0 or lam[0] <= 0:
+        return np.zeros(len(rank_out))
+    padded = np.append(lam, 0.0)
+    return np.sqrt(padded[np.minimum(rank_out, len(lam))] / lam[0])
 
 
 def vbmf_ranks(weight: torch.Tensor) -> tuple[int, int]:
@@ -212,6 +319,11 @@ def _check(geom: Conv2dGeometry, hyper: dict[str, Any]) -> tuple[int, int, int]:
     return h["rank_in"], h["rank_out"], iters
 
 
+def _useful(params: np.ndarray, flops: np.ndarray, info: LayerInfo) -> np.ndarray:
+    """Candidates cheaper than the dense layer in parameters or in MACs (the others are never kept)."""
+    return (params < info.dense_params) | (flops < info.dense_flops)
+
+
 def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
                 moment: torch.Tensor | None = None) -> CandidateColumns:
     geom = require_geometry(NAME, module)
@@ -225,29 +337,84 @@ def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
         v3, v4 = vbmf_ranks(w)
         if not np.any((r3 == v3) & (r4 == v4)):
             r3, r4 = np.append(r3, v3).astype(np.int64), np.append(r4, v4).astype(np.int64)
-    bases = (leading_left(unfold_in(w)), leading_left(unfold_out(w)))
-    iters = opts["hooi_iters"]
-    # the kernel of the realised layer: factors rounded to the layer's dtype, product in float64
-    approx = (tucker2_weight(*(t.to(w.dtype) for t in tucker2_factors(w, int(a), int(b), iters, bases)))
-              .reshape(f, -1) for a, b in zip(r3, r4))
-    error = relative_errors(w.reshape(f, -1), approx, moment)
+
+    def flops_of(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return call_flops(info, geom, lambda n, h, w_, ho, wo: c * a * n * h * w_ + (taps * a + f) * b * n * ho * wo)
+
     params = np.asarray(tucker2_cost(r3, r4, geom), dtype=np.int64) + (f if geom.bias else 0)
-    flops = call_flops(info, geom, lambda n, h, w_, ho, wo: c * r3 * n * h * w_ + (taps * r3 + f) * r4 * n * ho * wo)
+    keep = _useful(params, flops_of(r3, r4), info)
+    r3, r4, params = r3[keep], r4[keep], params[keep]
+    flops = flops_of(r3, r4)
+    spectra = hosvd_spectra(w)
+    bases = (spectra[1], spectra[3])
+    if moment is None:  # closed form: no factor is built
+        error = tucker2_hosvd_errors(w, r3, r4, bases)
+    else:  # data-aware: measured on the realised HOSVD kernels
+        approx = (tucker2_weight(*(t.to(w.dtype) for t in tucker2_factors(w, int(a), int(b), 0, bases)))
+                  .reshape(f, -1) for a, b in zip(r3, r4))
+        error = relative_errors(w.reshape(f, -1), approx, moment)
+    lower = np.zeros_like(error) if moment is not None else tucker2_error_lower(spectra[2], r4)
+    iters = opts["hooi_iters"]
     return CandidateColumns(hyper={"rank_in": r3, "rank_out": r4, "hooi_iters": np.full(len(r3), iters, np.int64)},
-                            error=error, error_lower=error.copy(), params=params, flops=flops)
+                            error=error, error_lower=np.minimum(lower, error), params=params, flops=flops)
+
+
+def _spectral_errors(weight: torch.Tensor, approximations: Sequence[torch.Tensor]) -> np.ndarray:
+    """``||W - W_hat||_2 / ||W||_2`` of each ``f x n`` approximation, from ``E E^T`` and :func:`top_eigen`."""
+    w = weight.detach().to(torch.float64)
+    norm2, _ = top_eigen(w @ w.T)
+    out = []
+    for approx in approximations:
+        r = w - approx.to(torch.float64)
+        lam, _ = top_eigen(r @ r.T)
+        out.append(0.0 if norm2 <= 0 else float(np.sqrt(max(lam, 0.0) / norm2)))
+    return np.asarray(out, dtype=np.float64)
+
+
+@torch.no_grad()
+def fit(module: nn.Module, rank_in: int, rank_out: int, hooi_iters: int,
+        moment: torch.Tensor | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float, bool]:
+    """The factors the family builds, their measured error and whether HOOI was kept.
+
+    The truncated HOSVD, and when ``hooi_iters > 0`` the HOOI refinement from it; HOOI raises
+    ``||G||_F`` (lowers the Frobenius error) but need not lower the family's error measure
+    (:mod:`autorank.measures`: operator norm, or the data-aware error with ``moment``), so
+    both realised kernels are measured and the better kept.  The error returned is that of
+    the kernel built (factors rounded to the layer's dtype, product in float64), at most the
+    candidate's closed-form HOSVD error.
+    """
+    w = module.weight.detach()
+    f = w.shape[0]
+    bases = (leading_left(unfold_in(w)), leading_left(unfold_out(w)))
+    fits = [tucker2_factors(w, rank_in, rank_out, 0, bases)]
+    if hooi_iters > 0:
+        fits.append(tucker2_factors(w, rank_in, rank_out, hooi_iters, bases))
+    approx = [tucker2_weight(*(t.to(w.dtype) for t in fac)).reshape(f, -1) for fac in fits]
+    if moment is None:
+        errs = _spectral_errors(w.reshape(f, -1), approx)
+    else:
+        errs = relative_errors(w.reshape(f, -1), approx, moment)
+    best = int(np.argmin(errs))
+    return fits[best], float(errs[best]), best == 1
 
 
 def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None = None,
           init: bool = True) -> Tucker2Conv:
     """The :class:`Tucker2Conv` of ``module`` at ``hyper = {"rank_in": R3, "rank_out": R4, "hooi_iters": n}``.
 
-    ``hooi_iters`` may be left out (default 2).  ``init=False`` builds the structure only;
-    ``moment`` is accepted for the family interface (the factors are fitted to the weights).
+    ``hooi_iters`` may be left out (default 2): the HOOI sweeps tried from the HOSVD, kept
+    only where they lower the error (:func:`fit`).  The module carries the measured error
+    of its kernel as ``fit_error`` (the plan reports it).  ``init=False`` builds the
+    structure only; ``moment``: the data-aware measure that decides between HOSVD and HOOI
+    (the factors are fitted to the weights).
     """
     geom = require_geometry(NAME, module)
     r3, r4, iters = _check(geom, hyper)
     if init:
-        return Tucker2Conv.from_dense(module, r3, r4, iters)
+        factors, err, _ = fit(module, r3, r4, iters, moment)
+        new = Tucker2Conv.from_dense(module, r3, r4, iters, factors=factors)
+        new.fit_error = err
+        return new
     w = module.weight
     return Tucker2Conv(geom.in_channels, geom.out_channels, geom.kernel, r3, r4, geom.stride, geom.padding,
                        geom.dilation, geom.bias, geom.padding_mode, device=w.device, dtype=w.dtype)

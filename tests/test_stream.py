@@ -1,0 +1,280 @@
+"""Block-by-block calibration (autorank.stream) against the whole-model path, and the shared moments."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import autorank
+from autorank import calibration, pipeline, stream
+from autorank.calibration import Moments, collect_moments
+from autorank.graph import analyze
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def tiny_llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert() -> nn.Module:
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=VOCAB, max_position_embeddings=32, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg).eval()
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, scale):
+        return x + self.b(torch.relu(self.a(x))) * scale
+
+
+class Stack(nn.Module):
+    """A Linear before the blocks, three blocks called with a keyword argument, a head after them."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(3))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for blk in self.blocks:
+            h = blk(h, scale=0.5)
+        return self.head(h)
+
+
+class Shuffled(Stack):
+    """The same blocks, called out of order: not a chain."""
+
+    def forward(self, x):
+        h = self.inp(x)
+        for i in (0, 2, 1):
+            h = self.blocks[i](h, scale=0.5)
+        return self.head(h)
+
+
+def token_batches(n: int = 3, pad: bool = True) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        mask = torch.ones(2, 12, dtype=torch.long)
+        if pad and i == 1:
+            mask[1, 8:] = 0
+        out.append({"input_ids": torch.randint(1, VOCAB, (2, 12), generator=g) * mask, "attention_mask": mask})
+    return out
+
+
+def vector_batches(n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 6, 8, generator=g) for _ in range(n)]
+
+
+CASES = {
+    "llama": (tiny_llama, token_batches),
+    "gpt2": (tiny_gpt2, token_batches),
+    "bert": (tiny_bert, token_batches),
+    "stack": (Stack, vector_batches),
+}
+
+
+def first(out):
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def run(model, batch):
+    with torch.no_grad():
+        return first(model(**batch) if isinstance(batch, dict) else model(batch))
+
+
+# ---- the chain -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, container, before, after", [
+    ("llama", "model.layers", [], ["lm_head"]),
+    ("gpt2", "transformer.h", [], []),  # lm_head is tied to the embedding: skipped
+    ("bert", "encoder.layer", [], ["pooler.dense"]),
+    ("stack", "blocks", ["inp"], ["head"]),
+])
+def test_find_chain_finds_the_blocks_and_what_runs_before_and_after(name, container, before, after):
+    make, data = CASES[name]
+    model = make()
+    batch = data()[0]
+    graph = analyze(model, batch)
+    chain = stream.find_chain(model, list(graph.layers), batch)
+    assert isinstance(chain, stream.Chain), chain
+    assert chain.container == container
+    assert chain.blocks == [f"{container}.{i}" for i in range(len(model.get_submodule(container)))]
+    assert chain.before == before and chain.after == after
+    inside = [n for b in chain.blocks for n in chain.inside[b]]
+    assert sorted(inside + before + after) == sorted(graph.layers)
+
+
+def test_find_chain_refuses_blocks_called_out_of_order_and_models_without_blocks():
+    model = Shuffled()
+    x = vector_batches()[0]
+    reason = stream.find_chain(model, list(analyze(model, x).layers), x)
+    assert isinstance(reason, str) and "in order" in reason
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    reason = stream.find_chain(mlp, ["0", "2"], x)
+    assert isinstance(reason, str) and "blocks of one type" in reason
+
+
+def test_streaming_true_on_a_model_without_a_chain_is_an_error_naming_the_reason():
+    model = Shuffled()
+    batches = vector_batches()
+    with pytest.raises(ValueError, match="cannot be streamed block by block: .*in order"):
+        autorank.optimize(model, 0.5, batches[0], calibration=batches, data=autorank.DataAware(streaming=True),
+                          progress=False)
+
+
+# ---- the same result as the whole-model path ------------------------------------------------------
+
+def _pair(name, heavy, monkeypatch, **data):
+    make, batches_of = CASES[name]
+    model = make()
+    batches = batches_of()
+    if heavy:  # every model is "too big" for all its moments at once: one block's moments at a time
+        monkeypatch.setattr(pipeline, "OUTPUT_MOMENTS_LIMIT", -1)
+    results = [autorank.optimize(model, 0.5, batches[0], calibration=batches, progress=False,
+                                 data=autorank.DataAware(streaming=s, **data)) for s in (False, True)]
+    return model, batches, results
+
+
+@pytest.mark.parametrize("heavy", [False, True], ids=["kept", "one-block"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_without_the_refit_the_streamed_plan_and_model_are_the_whole_model_ones(name, heavy, monkeypatch):
+    model, batches, (whole, streamed) = _pair(name, heavy, monkeypatch, sequential=False)
+    assert list(whole.plan.layers) == list(streamed.plan.layers)
+    for n, lp in whole.plan.layers.items():
+        other = streamed.plan.layers[n]
+        assert (lp.family, lp.hyper) == (other.family, other.hyper), n
+        assert lp.error == pytest.approx(other.error, rel=1e-9, abs=1e-12), n
+    assert whole.plan.config == streamed.plan.config
+    for b in batches:
+        torch.testing.assert_close(run(streamed.model, b), run(whole.model, b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heavy", [False, True], ids=["kept", "one-block"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_with_the_refit_the_streamed_model_matches_the_whole_model_refit(name, heavy, monkeypatch):
+    model, batches, (whole, streamed) = _pair(name, heavy, monkeypatch)
+    assert {n: lp.hyper for n, lp in whole.plan.layers.items()} == \
+           {n: lp.hyper for n, lp in streamed.plan.layers.items()}
+    ref = [run(model, b) for b in batches]
+    for b, r in zip(batches, ref):
+        a, s = run(whole.model, b), run(streamed.model, b)
+        # the same paired moments, accumulated in another order: equal up to rounding (stated tolerance 1e-4)
+        assert float((a - s).norm() / r.norm()) < 1e-4
+        # and the refit did something: closer to the original than the refit-free model of the same plan
+    plain = autorank.optimize(model, 0.5, batches[0], calibration=batches, progress=False,
+                              data=autorank.DataAware(sequential=False, streaming=True,
+                                                      output_weighting=not heavy and None,
+                                                      output_allocation=not heavy and None))
+    err = lambda m: sum(float((run(m, b) - r).norm() / r.norm()) for b, r in zip(batches, ref))  # noqa: E731
+    assert err(streamed.model) < err(plain.model)
+
+
+def test_heavy_models_default_to_no_output_parts_and_record_it(monkeypatch):
+    _, _, (whole, streamed) = _pair("llama", True, monkeypatch)
+    for r in (whole, streamed):
+        assert r.plan.config["output_weighting"] is False
+        assert r.plan.config["allocator"] == "alds"
+    monkeypatch.setattr(pipeline, "OUTPUT_MOMENTS_LIMIT", 2 ** 40)
+    model, batches = tiny_llama(), token_batches()
+    light = autorank.optimize(model, 0.5, batches[0], calibration=batches, progress=False)
+    assert light.plan.config["output_weighting"] is True and light.plan.config["allocator"] == "alds_output"
+
+
+def test_only_one_blocks_moments_are_alive_at_a_time(monkeypatch):
+    """Instrumented, not timed: every Moments object is tracked, and counted whenever a block's are made."""
+    monkeypatch.setattr(pipeline, "OUTPUT_MOMENTS_LIMIT", -1)
+    alive: weakref.WeakSet = weakref.WeakSet()
+    counts: list[int] = []
+    init = Moments.__init__
+
+    def tracked(self, *a, **k):
+        init(self, *a, **k)
+        alive.add(self)
+
+    real = stream.collect_moments
+
+    def counting(model, layers, *a, **k):
+        gc.collect()
+        counts.append(len({id(m.sum) for m in alive}))  # distinct sums: shared ones count once
+        return real(model, layers, *a, **k)
+
+    monkeypatch.setattr(Moments, "__init__", tracked)
+    monkeypatch.setattr(stream, "collect_moments", counting)
+    model, batches = tiny_llama(), token_batches()
+    autorank.optimize(model, 0.5, batches[0], calibration=batches, progress=False,
+                      data=autorank.DataAware(sequential=False))
+    # pass 1 counts before the prefix and before each of the 3 blocks, pass 2 before each block's
+    # re-collection; alive then: nothing, or the suffix's lm_head moment (kept for pass 2)
+    assert len(counts) >= 7
+    assert max(counts) <= 1, counts
+
+
+# ---- shared moments ---------------------------------------------------------------------------------
+
+def test_layers_reading_the_same_tensor_share_one_moment_that_equals_their_own():
+    model = tiny_llama()
+    batches = token_batches()
+    graph = analyze(model, batches[0])
+    moms = collect_moments(model, graph.layers, batches)
+    q, k, v = (moms[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv")
+    assert q.sum is k.sum is v.sum and q is not k  # one sum; own Moments objects (their output moments differ)
+    gate, up = moms["model.layers.0.mlp.gate_proj"], moms["model.layers.0.mlp.up_proj"]
+    assert gate.sum is up.sum and gate.sum is not q.sum
+    alone = collect_moments(model, {"model.layers.0.self_attn.k_proj": graph.layers["model.layers.0.self_attn.k_proj"]},
+                            batches)
+    torch.testing.assert_close(alone["model.layers.0.self_attn.k_proj"].matrix, k.matrix)
+    assert alone["model.layers.0.self_attn.k_proj"].count == k.count
+
+
+class Fork(nn.Module):
+    """``b`` reads ``a``'s input on the first two passes, then a different tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.a(x) + self.b(x if self.calls <= 2 else x * 2 + 1)
+
+
+def test_a_layer_that_stops_reading_the_shared_tensor_gets_its_own_exact_moment():
+    batches = vector_batches(4)
+    batches = [b.reshape(-1, 8)[:, :4] for b in batches]
+    model = Fork()
+    layers = analyze(Fork(), batches[0]).layers
+    moms = collect_moments(model, layers, batches)
+    rows = torch.cat([b if i < 2 else b * 2 + 1 for i, b in enumerate(batches)]).double()
+    torch.testing.assert_close(moms["b"].matrix, rows.T @ rows / rows.shape[0])
+    assert moms["b"].sum is not moms["a"].sum and moms["b"].count == rows.shape[0]
+    xs = torch.cat(batches).double()
+    torch.testing.assert_close(moms["a"].matrix, xs.T @ xs / xs.shape[0])
