@@ -41,6 +41,9 @@ class Plan:
 
     ``totals`` holds the measured figures of the realised model (``params``,
     ``flops``, ``params_before``, ``flops_before``) once it has been built.
+    ``weights`` is set in a saved ``plan.json`` only: the weights file it goes with, its
+    size and sha256 (checked by :func:`autorank.load`), and the non-persistent buffers
+    stored in it (:func:`autorank.save`).
     """
 
     metric: str
@@ -52,6 +55,7 @@ class Plan:
     network_bound: float = 0.0
     totals: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     # ---- serialisation -------------------------------------------------------------
