@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 
 from ..curves import LayerCurves
-from ..solver import Infeasible
 from .base import AllocationContext, register_allocator
+from .uniform import largest_fraction
 
 __all__ = ["svd_llm_rank", "svd_llm_pick", "svd_llm_allocation"]
 
@@ -46,20 +46,7 @@ def svd_llm_pick(lc: LayerCurves, ratio: float) -> int:
 
 def svd_llm_allocation(ctx: AllocationContext) -> dict[str, int]:
     """Every layer at one parameter ratio ``rho`` (:func:`svd_llm_rank`), the largest that meets the budget."""
-    def picks(ratio: float) -> dict[str, int]:
-        return {n: svd_llm_pick(lc, ratio) for n, lc in ctx.curves.items()}
-
-    lowest = ctx.cost(picks(0.0))
-    if lowest > ctx.room:
-        raise Infeasible(ctx.room, lowest)
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        if ctx.cost(picks(mid)) <= ctx.room:
-            lo = mid
-        else:
-            hi = mid
-    return picks(lo)
+    return largest_fraction(ctx, svd_llm_pick)
 
 
 register_allocator("svd_llm", svd_llm_allocation)
