@@ -8,7 +8,6 @@ that was asked for: a single compression, the compress -> fine-tune schedule
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from typing import Any, Callable, Iterable, Mapping
@@ -20,6 +19,7 @@ from .allocators import allocate, resolve_allocator, solve_curves
 from .config import Compression, DataAware, Retrain, as_config, check_budget
 from .pipeline import CompressStep, Prepared, Settings, fixed_cost, make_plan, measure_totals
 from .progress import progress_scope
+from .realize import copy_model
 from .refine import Refine, run_refine
 from .result import OptimizeResult, history_table
 from .retrain import Schedule, run_schedule
@@ -171,11 +171,11 @@ def _run(model: nn.Module, budget: float, step: CompressStep, refine: Any, finet
             raise TypeError(f"refine must be an autorank.Refine, got {type(refine).__name__}")
         if finetune is not None or steps != 1:
             raise ValueError("refine applies to single-step compression (no finetune, steps=1)")
-        result = run_refine(model if inplace else copy.deepcopy(model), budget, step, refine)
+        result = run_refine(model if inplace else copy_model(model), budget, step, refine)
     else:
         schedule = Schedule.build(budget, steps, retrain_cfg, finetune, evaluate)
         if schedule.is_single:
-            result = step(model if inplace else copy.deepcopy(model), budget)
+            result = step(model if inplace else copy_model(model), budget)
         elif inplace:
             raise ValueError("inplace=True applies to single-step compression only (no finetune, steps=1)")
         else:

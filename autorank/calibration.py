@@ -278,7 +278,9 @@ def collect_moments(
             mom = acc.setdefault(name, Moments(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)))
             mom.update(rows)
             if kind in LINEAR_KINDS:
-                state["seen"].setdefault(id(x), (weakref.ref(x), name))
+                hit = state["seen"].get(id(x))
+                if hit is None or hit[0]() is not x:  # first reader (an id of a freed tensor may be reused)
+                    state["seen"][id(x)] = (weakref.ref(x), name)
                 if name in alias.values():  # kept for one pass, in case a sharer stops sharing
                     state["added"].setdefault(name, []).append(rows)
 

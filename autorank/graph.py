@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .layers import get_layer_handler, kernel_numel
+from .layers import get_layer_handler, kernel_numel, unsupported_reason
 from .nested import map_tensors, run_model, tensors
 
 __all__ = ["LayerInfo", "LayerGraph", "analyze", "run_model", "replace_module", "count_params", "count_flops"]
@@ -327,6 +327,8 @@ def analyze(
     for name, mod in named.items():
         handler = get_layer_handler(mod)
         if handler is None or not name:
+            if name and unsupported_reason(mod) is not None:
+                skipped[name] = unsupported_reason(mod)
             continue
         reason = handler.skip_reason(mod)
         pat = _matches(name, exclude)

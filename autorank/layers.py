@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["LayerHandler", "register_layer_handler", "get_layer_handler", "set_weight_matrix"]
+__all__ = ["LayerHandler", "register_layer_handler", "get_layer_handler", "set_weight_matrix", "unsupported_reason"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,25 @@ _NAMED_HANDLERS["transformers.pytorch_utils.Conv1D"] = LayerHandler(
 )
 
 LINEAR_KINDS = ("linear", "hf_conv1d")
+
+
+# Layer types with weights that no family factorises: they are listed as left dense, with the reason.
+UNSUPPORTED: dict[type, str] = {
+    nn.Conv3d: "Conv3d: no family factorises 3-D convolutions (only Linear, Conv1d, Conv2d, Embedding, Conv1D)",
+    **{cls: f"{cls.__name__}: transposed convolutions are not supported (their weight is (in, out, *kernel) and "
+            "they have no handler; register_layer_handler can add one)"
+       for cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)},
+}
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module``, a layer with weights but no handler, is left dense (None for other modules)."""
+    if get_layer_handler(module) is not None:
+        return None
+    for cls in type(module).__mro__:
+        if cls in UNSUPPORTED:
+            return UNSUPPORTED[cls]
+    return None
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ schedule are both written from :meth:`Settings.record`.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,8 @@ from .graph import LayerGraph, analyze, count_flops, count_params
 from .latency import measure_latency
 from .plan import LayerPlan, Plan
 from .progress import progress_scope, stage
-from .realize import realize
+from .realize import (check_finite_parameters, copy_model, find_outside_reads, preserve_rng, realize,
+                      restore_on_error)
 from .result import OptimizeResult
 from .sequential import sequential_refit
 from .solver import network_bound
@@ -124,6 +124,15 @@ def thin_moments(moments: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     """
     return {name: (int(m.count), int(m.sum.shape[0])) for name, m in moments.items()
             if m.sum.ndim == 2 and m.count < m.sum.shape[0]}
+
+
+def warn_zero_calibration(moments: Mapping[str, Any]) -> None:
+    """One warning naming the layers whose calibration inputs are all zero (their data-aware errors are 0/0)."""
+    zero = [n for n, m in moments.items() if m.count and not bool(m.sum.abs().max() > 0)]
+    if zero:
+        log.warning("the calibration inputs of %d layer(s) are all zero (%s): their data-aware errors are 0/0 and "
+                    "the plan chosen for them is degenerate; check the calibration data", len(zero),
+                    ", ".join(zero[:5]))
 
 
 def warn_thin_calibration(moments: Mapping[str, Any]) -> None:
@@ -283,6 +292,12 @@ class CompressStep:
         with stage("analysis", self.progress):
             unfused, fused = unfuse_attention(work, comp.exclude)
             graph = analyze(work, self.example_inputs, comp.exclude, embeddings=comp.embeddings)
+            check_finite_parameters(work)
+            # a parent whose forward reads a layer's own attributes (self.fc.weight.sum()) needs that layer dense
+            for name, attr in find_outside_reads(work, list(graph.layers), self.example_inputs).items():
+                del graph.layers[name]
+                graph.skipped[name] = (f"the forward of its parent reads its .{attr} directly, which a factorised "
+                                       "replacement does not have")
         for name, why in fused.items():
             graph.skipped[name] = why
             if f"{name}.out_proj" in graph.skipped and not graph.skipped[f"{name}.out_proj"].startswith("excluded"):
@@ -343,6 +358,7 @@ class CompressStep:
             layer_curves, no_gain = build_curves(work, graph, comp.curves, metric, self.progress, moments)
             timings["curves"] = time.perf_counter() - t
         if moments is not None:
+            warn_zero_calibration(moments)
             warn_thin_calibration(moments)
         if not layer_curves:
             raise ValueError(f"{type(work).__name__} has no layer whose factorisation is cheaper than dense")
@@ -382,7 +398,14 @@ class CompressStep:
                          config=self.record(solver, prep.heavy))
 
     def build(self, work: nn.Module, prep: Prepared, plan: Plan) -> dict[str, float]:
-        """Realise ``plan`` in ``work`` (in place), then refit it when the recipe says so; the timings."""
+        """Realise ``plan`` in ``work`` (in place), then refit it when the recipe says so; the timings.
+
+        The global RNG is left as it was (factor modules are randomly initialised before their
+        factors are written)."""
+        with preserve_rng(work):
+            return self._build(work, prep, plan)
+
+    def _build(self, work: nn.Module, prep: Prepared, plan: Plan) -> dict[str, float]:
         late = sorted({lp.family for lp in plan.layers.values()
                        if lp.compressed and get_family(lp.family).needs_finetune})
         if late:
@@ -401,7 +424,8 @@ class CompressStep:
             return timings
         refit = refit and prep.moments is not None
         t = time.perf_counter()
-        reference = copy.deepcopy(work) if refit else None
+        reference = copy_model(work, "as the reference of the sequential refit (or pass "
+                               "data=autorank.DataAware(sequential=False))") if refit else None
         with stage(f"realise {sum(lp.compressed for lp in plan.layers.values())} layers", self.progress):
             realize(work, plan, inplace=True, moments=prep.moments)
         timings["realize"] = time.perf_counter() - t
@@ -424,23 +448,24 @@ class CompressStep:
         """Plan, build, measure and check ``work``; the result."""
         metric = self.metric
         plan = self.plan(prep, picked, budget, solver)
-        timings = {**timings, **self.build(work, prep, plan)}
-        record_built_errors(plan, work)
-        t = time.perf_counter()
-        measured = measure_totals(prep.graph, work, self.example_inputs)
-        timings["measure"] = time.perf_counter() - t
-        plan.totals = measured
-        total = prep.total
-        predicted = prep.fixed + sum(float(prep.curves[n].cost(metric)[i]) for n, i in picked.items())
-        if metric == "latency":
-            self._check_latency(work, plan, prep, budget, predicted)
-        elif measured[metric] != round(predicted):
-            log.warning("measured %s (%d) differ from the plan's prediction (%d)", metric, measured[metric], predicted)
-        if metric != "latency" and measured[metric] > budget * total * (1 + 1e-9):
-            raise RuntimeError(
-                f"internal error: the realised model has {measured[metric]:,} {metric}, over the budget "
-                f"{budget:g} x {total:,}; please report this with the model"
-            )
+        with restore_on_error(work):  # a failure leaves an inplace=True model as it was, not half-converted
+            timings = {**timings, **self.build(work, prep, plan)}
+            record_built_errors(plan, work)
+            t = time.perf_counter()
+            measured = measure_totals(prep.graph, work, self.example_inputs)
+            timings["measure"] = time.perf_counter() - t
+            plan.totals = measured
+            total = prep.total
+            predicted = prep.fixed + sum(float(prep.curves[n].cost(metric)[i]) for n, i in picked.items())
+            if metric == "latency":
+                self._check_latency(work, plan, prep, budget, predicted)
+            elif measured[metric] != round(predicted):
+                log.warning("measured %s (%d) differ from the plan's prediction (%d)", metric, measured[metric], predicted)
+            if metric != "latency" and measured[metric] > budget * total * (1 + 1e-9):
+                raise RuntimeError(
+                    f"internal error: the realised model has {measured[metric]:,} {metric}, over the budget "
+                    f"{budget:g} x {total:,}; please report this with the model"
+                )
         timings["total"] = time.perf_counter() - t0
         achieved = plan.totals[metric] / plan.totals[f"{metric}_before"] if metric == "latency" else \
             measured[metric] / total
@@ -472,9 +497,10 @@ class CompressStep:
                  cache: dict[str, Any] | None = None) -> OptimizeResult:
         """Compress ``work`` **in place** to ``budget`` (all four stages) and return the result."""
         t0 = time.perf_counter()
-        prep = prepared or self.prepare(work)
-        timings = dict(prep.timings)
-        t = time.perf_counter()
-        picked, worst = self.choose(work, prep, budget, cache=cache)
-        timings["solve"] = time.perf_counter() - t
-        return self.finish(work, budget, prep, picked, worst, timings, t0)
+        with preserve_rng(work):  # compressing never moves the caller's random stream
+            prep = prepared or self.prepare(work)
+            timings = dict(prep.timings)
+            t = time.perf_counter()
+            picked, worst = self.choose(work, prep, budget, cache=cache)
+            timings["solve"] = time.perf_counter() - t
+            return self.finish(work, budget, prep, picked, worst, timings, t0)

@@ -45,6 +45,9 @@ class Plan:
     as :class:`autorank.families.attention.UnfusedMultiheadAttention` (their projections are
     the layers ``<name>.q_proj``, ``.k_proj``, ``.v_proj``, ``.out_proj``);
     :func:`autorank.realize` unfuses them first.
+    ``weights`` is set in a saved ``plan.json`` only: the weights file it goes with, its
+    size and sha256 (checked by :func:`autorank.load`), and the non-persistent buffers
+    stored in it (:func:`autorank.save`).
     """
 
     metric: str
@@ -56,6 +59,7 @@ class Plan:
     network_bound: float = 0.0
     totals: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
     attention: list[str] = field(default_factory=list)
 

@@ -26,10 +26,11 @@ Budgets always refer to the original model's parameters (or FLOPs).
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +44,11 @@ from .finetune import FinetuneContext, check_finetuner, run_finetuner
 from .graph import count_flops, count_params
 from .io import load, load_plan, save
 from .progress import track
-from .realize import densify
+from .realize import copy_model, densify
 from .result import OptimizeResult
 
-__all__ = ["one_shot", "linear", "geometric", "SCHEDULES", "Schedule", "run_schedule", "budgets_of"]
+__all__ = ["one_shot", "linear", "geometric", "SCHEDULES", "Schedule", "run_schedule", "budgets_of",
+           "model_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +122,54 @@ class Schedule:
                    None if retrain.checkpoint is None else Path(retrain.checkpoint))
 
 
-def fingerprint(schedule: Schedule, step: Any) -> dict[str, Any]:
-    """What must match for a checkpointed schedule to resume: its budgets and mode, and the step's record."""
-    return {"budgets": list(schedule.budgets), "mode": schedule.mode, "metric": step.metric, **step.record()}
+def model_fingerprint(model: nn.Module) -> dict[str, str]:
+    """``{"architecture": ..., "weights": ...}``: SHA-256 digests (16 hex digits) of ``model``.
+
+    ``architecture`` hashes the module tree (``repr(model)``) with every parameter's and
+    buffer's name, shape and dtype; ``weights`` hashes the bytes of every parameter and
+    buffer, in ``state_dict`` order.  One read of the weights (hashing runs at about 1 GB/s).
+    """
+    arch = hashlib.sha256(repr(model).encode())
+    weights = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=True).items():
+        arch.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if t.is_meta:
+            continue
+        flat = t.detach().reshape(-1).contiguous().cpu()
+        weights.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return {"architecture": arch.hexdigest()[:16], "weights": weights.hexdigest()[:16]}
+
+
+def fingerprint(schedule: Schedule, step: Any, model: dict[str, str] | None = None) -> dict[str, Any]:
+    """What must match for a checkpointed schedule to resume: the model (:func:`model_fingerprint`), the
+    budgets and mode, and the step's record."""
+    return {**({"model": model} if model is not None else {}), "budgets": list(schedule.budgets),
+            "mode": schedule.mode, "metric": step.metric, **step.record()}
+
+
+def _check_resumable(ckpt: Path, saved: Any, wanted: dict[str, Any]) -> None:
+    """A ValueError when checkpoint ``ckpt`` (fingerprint ``saved``) belongs to another model or schedule."""
+    if not isinstance(saved, dict):
+        saved = {}
+    afresh = f"delete {str(ckpt)!r} to start afresh, or pass another Retrain(checkpoint=...)"
+    old, new = saved.get("model"), wanted["model"]
+    if old != new:
+        if not isinstance(old, dict):
+            raise ValueError(f"checkpoint {str(ckpt)!r} records no model fingerprint (it was written by an older "
+                             f"autorank), so it cannot be checked to belong to this model ({new}); {afresh}")
+        what = "architecture" if old.get("architecture") != new["architecture"] else "weights"
+        raise ValueError(f"checkpoint {str(ckpt)!r} was written for another model (its {what} differ): the "
+                         f"checkpoint's model fingerprint is {old}, this model's is {new}; {afresh}")
+    if saved != wanted:
+        raise ValueError(f"checkpoint {str(ckpt)!r} holds a different schedule {saved}; this run asks for "
+                         f"{wanted}; {afresh}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _evaluate(evaluate, model: nn.Module) -> float | None:
@@ -141,19 +188,20 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
     history: list[dict[str, Any]] = []
     done = 0
     current: OptimizeResult | None = None
+    wanted = fingerprint(schedule, step, model_fingerprint(model)) if ckpt is not None else {}
     if ckpt is not None and (ckpt / STATE_FILE).is_file():
-        state = json.loads((ckpt / STATE_FILE).read_text())
-        if state.get("fingerprint") != fingerprint(schedule, step):
-            raise ValueError(
-                f"checkpoint {str(ckpt)!r} holds a different schedule {state.get('fingerprint')}; "
-                f"this run asks for {fingerprint(schedule, step)}. Use another directory."
-            )
+        try:
+            state = json.loads((ckpt / STATE_FILE).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{str(ckpt / STATE_FILE)!r} is not JSON ({exc.msg}); delete {str(ckpt)!r} to start "
+                             "afresh") from None
+        _check_resumable(ckpt, state.get("fingerprint") if isinstance(state, dict) else None, wanted)
         history, done = state["history"], state["done"]
         if done:
             current = _restore(ckpt, done, model)
             rng = ckpt / "rng_state.pt"
             if rng.is_file():
-                torch.set_rng_state(torch.load(rng))
+                torch.set_rng_state(_load_rng_state(rng))
         log.info("resuming from %s after step %d of %d", ckpt, done, len(schedule.budgets))
 
     if not history:
@@ -173,9 +221,9 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
         if s <= done or stopped_early:
             continue
         if schedule.mode == "cascade" and current is not None:
-            source = densify(copy.deepcopy(current.model))
+            source = densify(copy_model(current.model, "to start the next step from the last one"))
         else:
-            source = copy.deepcopy(model)
+            source = copy_model(model)
         t = time.perf_counter()
         result = step(source, budget)
         t_compress = time.perf_counter() - t
@@ -201,9 +249,10 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
         results[s] = result
         if ckpt is not None:
             save(result.model, result.plan, ckpt / f"step-{s}")
-            torch.save(torch.get_rng_state(), ckpt / "rng_state.pt")
-            (ckpt / STATE_FILE).write_text(json.dumps(
-                {"fingerprint": fingerprint(schedule, step), "done": s, "history": history}, indent=2))
+            torch.save(torch.get_rng_state(), ckpt / ".rng_state.pt.tmp")
+            os.replace(ckpt / ".rng_state.pt.tmp", ckpt / "rng_state.pt")
+            _write_atomic(ckpt / STATE_FILE, json.dumps({"fingerprint": wanted, "done": s, "history": history},
+                                                        indent=2))
         if schedule.min_metric is not None and m_final is not None and m_final < schedule.min_metric:
             stopped_early = True
             log.warning("step %d: metric %.4f fell below min_metric %.4f; stopping", s, m_final, schedule.min_metric)
@@ -219,10 +268,25 @@ def run_schedule(model: nn.Module, step: Any, schedule: Schedule) -> Any:
     return final
 
 
+def _load_rng_state(path: Path) -> torch.Tensor:
+    """The RNG state saved at ``path``, read with ``weights_only=True`` (a crafted pickle cannot run code)."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{str(path)!r} is not a saved RNG state (torch.load(weights_only=True) refused it: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); delete the "
+                         "checkpoint folder to start afresh") from exc
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+        raise ValueError(f"{str(path)!r} does not hold an RNG state (a uint8 tensor); got {type(state).__name__}")
+    return state
+
+
 def _restore(ckpt: Path, s: int, model: nn.Module) -> OptimizeResult:
     """The result of step ``s`` saved in checkpoint ``ckpt`` (without its graph and curves)."""
     step_dir = ckpt / f"step-{s}"
-    return OptimizeResult(model=load(step_dir, model), plan=load_plan(step_dir), graph=None, curves={})
+    plan = load_plan(step_dir)
+    plan.weights = {}  # the record of the saved file, not part of the result's plan
+    return OptimizeResult(model=load(step_dir, model), plan=plan, graph=None, curves={})
 
 
 def _fell_below(history: list[dict[str, Any]], min_metric: float | None) -> bool:

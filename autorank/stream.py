@@ -361,6 +361,15 @@ def replayed(model: nn.Module, chain: Chain, inputs: Sequence[Call], outputs: Se
             container[i] = block
 
 
+def _attach(moments: dict[str, Moments], outputs: Mapping[str, Moments]) -> dict[str, Moments]:
+    """``moments`` with each layer's output moment set where ``outputs`` has one (a function: no loop
+    variable outlives it to keep a block's moment alive)."""
+    for name, mom in moments.items():
+        if name in outputs:
+            mom.output = outputs[name]
+    return moments
+
+
 def _sub(mapping: Mapping[str, Any], names: Sequence[str], prefix: str) -> dict[str, Any]:
     return {_relative(n, prefix): mapping[n] for n in names if n in mapping}
 
@@ -401,9 +410,7 @@ def stream_curves(
     reached: set[str] = set()
 
     def curves_of(moms: dict[str, Moments], names: Sequence[str]) -> None:
-        for n, m in moms.items():
-            if n in outputs:
-                m.output = outputs[n]
+        _attach(moms, outputs)
         reached.update(moms)
         got, no_gain = build_curves(model, _subgraph(graph, names), config, metric, False, moms)
         curves.update(got)
@@ -502,10 +509,7 @@ def stream_build(
     outputs = outputs or {}
     g_of = {n: m.matrix for n, m in outputs.items()}
     kinds = {n: info.kind for n, info in graph.layers.items()}
-    outer = streamed.outer
-    for n, m in outer.items():
-        if n in outputs:
-            m.output = outputs[n]
+    outer = _attach(streamed.outer, outputs)
     done: list[str] = []
 
     def outer_step(names: Sequence[str], run_ref: Any, run_new: Any) -> None:
@@ -541,10 +545,7 @@ def stream_build(
             if rest and moms is None:  # the plan's data-aware factors need the original inputs' moments
                 moms = collect_moments(block, {_relative(n, bname): graph.layers[n] for n in rest}, calls,
                                        False, key, quiet_missing=True)
-                moms = {f"{bname}.{n}": m for n, m in moms.items()}
-                for n, m in moms.items():
-                    if n in outputs:
-                        m.output = outputs[n]
+                moms = _attach({f"{bname}.{n}": m for n, m in moms.items()}, outputs)
             reference = copy.deepcopy(block) if wanted else block
             nxt, outs = run_block(reference, calls)
             _realize_some(model, plan, names, wanted, moms)

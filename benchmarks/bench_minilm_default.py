@@ -7,7 +7,9 @@ Calibration: 256 standard-library docstring paragraphs (the calibration half of
 variant: the mean cosine of the pooled embeddings to the original's on 128 *other* paragraphs of
 the calibration half (``select``: what the default was chosen on) and on 256 paragraphs of
 torch's docstrings (``torch``: another source, for the record), the wall time of the call
-(all variants run in one process, one after the other), and the allocator that ran.
+(all variants run in one process, one after the other), and the allocator that ran.  The default
+calibrates and builds block by block (``autorank.stream``); ``"default, whole model"`` is the same
+recipe with ``DataAware(streaming=False)``.
 """
 import functools
 import os
@@ -40,6 +42,7 @@ variants = {
     "ow+seq (alds)": {"data": D(output_allocation=False)},
     "ow+seq+gn": {"compression": gauss_newton},
     "default (ow+seq+probes)": {},
+    "default, whole model": {"data": D(streaming=False)},
     "seq+alds_output (1-sided)": {"data": D(output_weighting=False)},
 }
 only = sys.argv[1:] or list(variants)

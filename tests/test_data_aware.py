@@ -162,8 +162,8 @@ def test_bad_calibration_is_a_clear_error_naming_the_batch(make, err, match):
 def test_a_step_records_the_parts_it_ran():
     model, x = build("mlp")
     step = CompressStep(x, Settings("params"), calibration=_calibration(x))
-    assert step.parts == {"output_weighting": True, "output_allocation": True, "sequential": True}
-    assert CompressStep(x).parts == {p: False for p in PARTS}
+    assert step.parts == {"output_weighting": True, "output_allocation": True, "sequential": True, "streaming": True}
+    assert CompressStep(x).parts == {p: False for p in (*PARTS, "streaming")}
 
 
 class TwoHeads(torch.nn.Module):

@@ -508,6 +508,8 @@ def test_spatial_closed_form_equals_built():
     assert closed[-1] < 1e-6 and np.all(np.diff(closed) <= 1e-12)
 
 
+@pytest.mark.xfail(strict=True, reason="known: a warm-started chain can settle in a worse fit at the largest ranks "
+                   "(0.808 against 0.741 at rank 12), so CurveConfig's cp warm_iters defaults to 0 (cold fits)")
 def test_cp_warm_starts_are_no_worse_than_cold_fits():
     from autorank.families.conv import leading_left, unfold_in, unfold_out
     from autorank.families.cp import cp_chain, cp_errors

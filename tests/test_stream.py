@@ -210,19 +210,20 @@ def test_heavy_models_default_to_no_output_parts_and_record_it(monkeypatch):
 def test_only_one_blocks_moments_are_alive_at_a_time(monkeypatch):
     """Instrumented, not timed: every Moments object is tracked, and counted whenever a block's are made."""
     monkeypatch.setattr(pipeline, "OUTPUT_MOMENTS_LIMIT", -1)
-    alive: weakref.WeakSet = weakref.WeakSet()
+    alive: list[weakref.ref] = []  # (Moments is a dataclass with __eq__: unhashable, so no WeakSet)
     counts: list[int] = []
     init = Moments.__init__
 
     def tracked(self, *a, **k):
         init(self, *a, **k)
-        alive.add(self)
+        alive.append(weakref.ref(self))
 
     real = stream.collect_moments
 
     def counting(model, layers, *a, **k):
         gc.collect()
-        counts.append(len({id(m.sum) for m in alive}))  # distinct sums: shared ones count once
+        live = [m for r in alive if (m := r()) is not None]
+        counts.append(len({id(m.sum) for m in live}))  # distinct sums: shared ones count once
         return real(model, layers, *a, **k)
 
     monkeypatch.setattr(Moments, "__init__", tracked)

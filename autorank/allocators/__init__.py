@@ -8,6 +8,7 @@ your own with :func:`register_allocator`.  The files:
   :func:`solve_curves` (the exact ALDS step).
 * :mod:`~autorank.allocators.alds` -- ``"alds"`` (default) and ``"alds_output"``.
 * :mod:`~autorank.allocators.uniform` -- ``"uniform"``: one rank fraction everywhere.
+* :mod:`~autorank.allocators.llm` -- ``"svd_llm"``: one parameter ratio per matrix (SVD-LLM).
 * :mod:`~autorank.allocators.spectral` -- ``"svd_energy"``, ``"lrank"``, ``"vbmf"``, ``"pca"``.
 * :mod:`~autorank.allocators.evaluated` -- ``"sensitivity"`` (scores the model).
 * :mod:`~autorank.allocators.ranks` -- plain-SVD rank tables and the bisections the baselines share.
@@ -25,11 +26,12 @@ from .spectral import (layer_spectrum, lrank_allocation, lrank_choice, pca_alloc
 from .evaluated import DEFAULT_RATIOS, fidelity_score, output_gains, sensitivity_allocation, sensitivity_table
 from .alds import alds_allocation, alds_output_allocation
 from .uniform import uniform_allocation
+from .llm import svd_llm_allocation, svd_llm_rank
 
 __all__ = [
     "AllocationContext", "Allocator", "register_allocator", "get_allocator", "resolve_allocator",
     "available_allocators", "allocate", "solve_curves",
-    "alds_allocation", "alds_output_allocation", "uniform_allocation",
+    "alds_allocation", "alds_output_allocation", "uniform_allocation", "svd_llm_allocation", "svd_llm_rank",
     "svd_energy_allocation", "lrank_choice", "lrank_allocation", "vbmf_ranks", "vbmf_allocation",
     "pca_allocation", "sensitivity_allocation",
     "layer_spectrum", "RankTable", "rank_table", "rank_tables", "bisect_threshold", "bisect_sorted",

@@ -7,6 +7,8 @@ budget (total cost is non-decreasing in ``r``, so bisection finds it).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..curves import LayerCurves
@@ -29,10 +31,14 @@ def uniform_pick(lc: LayerCurves, fraction: float) -> int:
     return 0 if index is None else index
 
 
-def uniform_allocation(ctx: AllocationContext) -> dict[str, int]:
-    """The same rank fraction in every layer, the largest that meets the budget."""
+def largest_fraction(ctx: AllocationContext, pick: Callable[[LayerCurves, float], int]) -> dict[str, int]:
+    """``{layer: pick(curves, x)}`` at the largest ``x`` in ``[0, 1]`` whose plan meets the budget (bisection).
+
+    ``pick`` maps a layer's curves and a fraction to a candidate index and must be
+    monotone (a larger fraction never costs less); ``Infeasible`` when even ``x = 0`` is over.
+    """
     def picks(fraction: float) -> dict[str, int]:
-        return {n: uniform_pick(lc, fraction) for n, lc in ctx.curves.items()}
+        return {n: pick(lc, fraction) for n, lc in ctx.curves.items()}
 
     lowest = ctx.cost(picks(0.0))
     if lowest > ctx.room:
@@ -45,6 +51,11 @@ def uniform_allocation(ctx: AllocationContext) -> dict[str, int]:
         else:
             hi = mid
     return picks(lo)
+
+
+def uniform_allocation(ctx: AllocationContext) -> dict[str, int]:
+    """The same rank fraction in every layer, the largest that meets the budget."""
+    return largest_fraction(ctx, uniform_pick)
 
 
 register_allocator("uniform", uniform_allocation)

@@ -253,32 +253,46 @@ def docstring_paragraphs(packages: Sequence[str], min_words: int = 8, max_words:
 
     Raises ``ImportError`` for a package that is not installed.
     """
+    if isinstance(packages, str):
+        raise TypeError("packages must be a sequence of package names, not a single string")
+    _check_word_bounds(min_words, max_words)
+    seen_text: set[str] = set()
+    out: list[str] = []
+    for _, doc in package_docstrings(packages):
+        for para in prose_paragraphs(doc, min_words, max_words):
+            if para not in seen_text:
+                seen_text.add(para)
+                out.append(para)
+    return out
+
+
+def package_docstrings(packages: Sequence[str]) -> Iterable[tuple[str, str]]:
+    """``(home module, docstring)`` of every object :func:`docstring_paragraphs` visits, in visiting order.
+
+    The home module of a module is its name; of a class or function its ``__module__``; of a
+    method or property the home of its class.  Raises ``ImportError`` for a package that is
+    not installed.
+    """
     import importlib
     import inspect
     import types
 
     if isinstance(packages, str):
         raise TypeError("packages must be a sequence of package names, not a single string")
-    _check_word_bounds(min_words, max_words)
-    seen_text: set[str] = set()
-    out: list[str] = []
     for pkg in packages:
         root = importlib.import_module(pkg)
         top = pkg.split(".")[0]
         seen: set[int] = set()
-        stack: list[Any] = [root]
+        stack: list[tuple[Any, str]] = [(root, root.__name__)]
         while stack:
-            obj = stack.pop()
+            obj, home = stack.pop()
             if id(obj) in seen:
                 continue
             seen.add(id(obj))
             doc = getattr(obj, "__doc__", None)
             if isinstance(doc, str):
-                for para in prose_paragraphs(doc, min_words, max_words):
-                    if para not in seen_text:
-                        seen_text.add(para)
-                        out.append(para)
-            children: list[Any] = []
+                yield home, doc
+            children: list[tuple[Any, str]] = []
             if isinstance(obj, types.ModuleType):
                 for name in sorted(dir(obj), reverse=True):
                     if name.startswith("_"):
@@ -287,16 +301,15 @@ def docstring_paragraphs(packages: Sequence[str], min_words: int = 8, max_words:
                         child = getattr(obj, name)
                     except Exception:  # lazy attributes that fail to load: skip them
                         continue
-                    home = child.__name__ if isinstance(child, types.ModuleType) else getattr(child, "__module__", None)
-                    if isinstance(home, str) and home.split(".")[0] == top:
-                        children.append(child)
+                    where = child.__name__ if isinstance(child, types.ModuleType) else getattr(child, "__module__", None)
+                    if isinstance(where, str) and where.split(".")[0] == top:
+                        children.append((child, where))
             elif inspect.isclass(obj):
                 for name, child in sorted(vars(obj).items(), reverse=True):
                     if not name.startswith("_") and (inspect.isfunction(child) or isinstance(
                             child, (property, classmethod, staticmethod))):
-                        children.append(getattr(child, "__func__", child))
+                        children.append((getattr(child, "__func__", child), home))
             stack.extend(children)
-    return out
 
 
 def stdlib_prose(exclude: Iterable[str] = (), min_words: int = 4, max_words: int = 96) -> list[str]:
