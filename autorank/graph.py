@@ -93,6 +93,19 @@ class LayerGraph:
         return max(0, self.total_flops - sum(l.dense_flops for l in self.layers.values()))
 
 
+def module_aliases(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """``({id(module): every name it has}, {id(parameter): every qualified name it has})``: shared
+    modules and tied parameters show up as ids with more than one name."""
+    aliases: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
+    owners: dict[int, list[str]] = {}
+    for n, m in model.named_modules():
+        for pn, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{n}.{pn}" if n else pn)
+    return aliases, owners
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at the qualified ``name`` inside ``model``."""
     parent_name, _, child = name.rpartition(".")
@@ -311,13 +324,7 @@ def analyze(
             g.add_edge(INPUT, OUTPUT)
 
     # ---- compressible layers -----------------------------------------------------------
-    aliases: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(m), []).append(n)
-    owners: dict[int, list[str]] = {}
-    for n, m in named.items():
-        for pn, p in m.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{n}.{pn}" if n else pn)
+    aliases, owners = module_aliases(model)
 
     layers: dict[str, LayerInfo] = {}
     skipped: dict[str, str] = {}

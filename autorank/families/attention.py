@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import skip_init
 
-from ..graph import PARENTS_READING_CHILD_WEIGHTS, replace_module
+from ..graph import PARENTS_READING_CHILD_WEIGHTS, module_aliases, replace_module
 
 __all__ = ["UnfusedMultiheadAttention", "PROJECTIONS", "unfuse_reason", "unfuse_attention", "refuse_attention",
            "unfuse_named"]
@@ -333,13 +333,7 @@ def unfuse_attention(model: nn.Module, exclude: Iterable[str] = ()) -> tuple[lis
     """
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     named = dict(model.named_modules())
-    aliases: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(m), []).append(n)
-    owners: dict[int, list[str]] = {}
-    for n, m in named.items():
-        for pn, p in m.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{n}.{pn}" if n else pn)
+    aliases, owners = module_aliases(model)
     done: list[str] = []
     left: dict[str, str] = {}
     for name, mod in named.items():
