@@ -497,7 +497,9 @@ class CompressStep:
                  cache: dict[str, Any] | None = None) -> OptimizeResult:
         """Compress ``work`` **in place** to ``budget`` (all four stages) and return the result."""
         t0 = time.perf_counter()
-        with preserve_rng(work):  # compressing never moves the caller's random stream
+        # compressing never moves the caller's random stream; a failure (an infeasible budget, say)
+        # puts back every module swapped so far, the attentions unfused by prepare included
+        with preserve_rng(work), restore_on_error(work):
             prep = prepared or self.prepare(work)
             timings = dict(prep.timings)
             t = time.perf_counter()

@@ -213,6 +213,18 @@ def test_budget_0_3_is_reachable_and_met(batch_first, need_weights, tmp_path):
             assert torch.equal(got, want)
 
 
+def test_a_failed_inplace_call_leaves_the_callers_attention_fused():
+    torch.manual_seed(0)
+    model = TinyAttention().eval()
+    x = tiny_inputs(True)
+    before = _outputs(model, x)
+    with pytest.raises(ValueError):  # far below the smallest reachable budget: fails after the unfusing
+        autorank.optimize(model, 0.01, x, inplace=True)
+    assert type(model.attn) is nn.MultiheadAttention and type(model.cross) is nn.MultiheadAttention
+    for a, b in zip(_outputs(model, x), before):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_dense_attention_is_fused_back_and_loads(tmp_path):
     """An attention none of whose projections is compressed is an nn.MultiheadAttention again."""
     torch.manual_seed(0)
