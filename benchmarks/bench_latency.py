@@ -126,26 +126,30 @@ def main() -> None:
               f"{info['cached']} cached, {info['interpolated']} interpolated); whole model "
               f"{info['whole_min_s'] * 1e3:.2f} ms (best), rest {info['rest_s'] * 1e3:.2f} ms + dense layers "
               f"{info['layers_s'] * 1e3:.2f} ms = {info['predicted_s'] * 1e3:.2f} ms", flush=True)
+        def measured(step, budget, prepared, label):
+            """The plan at ``budget``, its interleaved latency ratio and spread and its quality; None if infeasible."""
+            try:
+                res = step(copy.deepcopy(model), budget, prepared=prepared)
+            except ValueError as exc:
+                print(f"  {label} {budget}: {exc}")
+                return None
+            ratio, iqr = interleaved_ratio(model, res.model, x, args.repeats)
+            return res, ratio, iqr, quality(res.model, res.plan)
+
         flop_pts = []
         for fb in args.flop_grid:
-            try:
-                res = flop_step(copy.deepcopy(model), fb, prepared=prep_f)
-            except ValueError as exc:
-                print(f"  flops {fb}: {exc}")
+            got = measured(flop_step, fb, prep_f, "flops")
+            if got is None:
                 continue
-            ratio, _ = interleaved_ratio(model, res.model, x, args.repeats)
-            q = quality(res.model, res.plan)
+            res, ratio, _, q = got
             flop_pts.append((ratio, q))
             print(f"  flops budget {fb:.2f}: MACs {res.plan.totals['flops'] / res.plan.totals['flops_before']:.3f}, "
                   f"measured latency {ratio:.3f}, {'cosine' if higher_better else 'max err'} {q:.4f}", flush=True)
         for b in args.budgets:
-            try:
-                res = lat_step(copy.deepcopy(model), b, prepared=prep_l)
-            except ValueError as exc:
-                print(f"  latency {b}: {exc}")
+            got = measured(lat_step, b, prep_l, "latency")
+            if got is None:
                 continue
-            ratio, iqr = interleaved_ratio(model, res.model, x, args.repeats)
-            q = quality(res.model, res.plan)
+            res, ratio, iqr, q = got
             # the most accurate FLOP plan of the grid that measures no slower than the latency plan
             fast = [p[1] for p in flop_pts if p[0] <= ratio]
             if not fast:
