@@ -348,6 +348,23 @@ def test_quiet_and_default_progress(tmp_path, monkeypatch):
     assert seen == [None, False, False]  # None: bars only on a terminal
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["sweep", "CFG"], None),
+    (["sweep", "CFG", "-q"], False),
+    (["-q", "sweep", "CFG"], False),
+], ids=["default", "sub-q", "top-q"])
+def test_sweep_quiet(argv, expected, tmp_path, monkeypatch):
+    import autorank.apps.sweep as sweep_app
+
+    seen = []
+    monkeypatch.setattr(sweep_app, "load_config", lambda path: path)
+    monkeypatch.setattr(sweep_app, "run_sweep", lambda cfg, out, resume, progress="missing": seen.append(progress) or {})
+    monkeypatch.setattr(sweep_app, "results_table", lambda state: "")
+    argv = [str(tmp_path / "c.toml") if a == "CFG" else a for a in argv] + ["--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert seen == [expected]
+
+
 def test_plot_one_optimize_result(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "res"

@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (o, s, r, pl):
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log progress (INFO) to stderr; on an error, show the traceback")
-    o.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress bars (default: shown on a terminal)")
+    for sp in (o, s):
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars (default: shown on a terminal)")
     return p
 
 
@@ -292,7 +293,8 @@ def _sweep(args) -> None:
 
     cfg = load_config(args.config)
     out = Path(args.out) if args.out else Path("budgets") / "out" / Path(args.config).stem
-    state = run_sweep(cfg, out, resume=not args.no_resume)
+    state = run_sweep(cfg, out, resume=not args.no_resume,
+                      progress=False if getattr(args, "quiet", False) else None)
     print(results_table(state))
     print(f"\nwrote {out / 'results.csv'} and {out / 'results.json'}")
     if args.plot:
