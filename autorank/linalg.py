@@ -57,6 +57,21 @@ every formula above applied to ``W' = S W``, with the left factor mapped back by
 ``G`` is damped, ``G + delta * mean(eig G) * I`` (``delta`` = :data:`OUTPUT_DAMPING`),
 which bounds ``S^{-1}`` and moves towards the input-only whitening as ``delta`` grows;
 a layer the output does not depend on (``G = 0``) gets ``S = I``.
+
+**Tall layers in input space.**  A block ``W_i`` with more rows than columns (``f > n/k``:
+an LM head, an MLP's up-projection) never needs its ``f x n`` float64 copy.  With
+``P = W^T W`` (``n x n``, :func:`column_gram`, accumulated over row chunks) and ``M_ii =
+S_i S_i^T`` (``S_i = Q_i Lambda_i^{1/2}``), the eigenvectors ``v_l`` of
+``S_i^T P_ii S_i`` (eigenvalues ``sigma_l^2 = lambda_l``) give ``U_i = W_i T_i`` with
+``T_i = S_i V_i Sigma_i^{-1}`` (:func:`tall_whitened_eigen`), so every quantity of the
+curves is an ``n``-sized product:
+
+    U_i^T U_i' = T_i^T P_ii' T_i',    U_i^T W_i = T_i^T P_ii,    ||W X||_F^2 / N = tr(P M),
+
+and the factors are ``B_i = W_i T_i`` (one pass over row chunks of ``W``) and
+``A_i = B_i^T W_i = T_i^T P_ii`` (:func:`whitened_factors`).  The memory is ``O(n^2 +
+f * rank)`` instead of several ``f x n`` float64 copies, and ``P`` is computed once for
+every ``k``.
 """
 
 from __future__ import annotations
@@ -77,6 +92,10 @@ __all__ = [
     "gram_eigh",
     "singular_values",
     "split_columns",
+    "column_gram",
+    "rows_matmul",
+    "tall_whitened_eigen",
+    "is_tall",
     "grouped_low_rank_factors",
     "output_roots",
     "output_weighted",
@@ -165,6 +184,34 @@ def split_columns(weight: torch.Tensor, groups: int) -> torch.Tensor:
     if n % groups:
         raise ValueError(f"groups={groups} does not divide the {n} input columns")
     return weight.detach().to(torch.float64).reshape(f, groups, n // groups).transpose(0, 1)
+
+
+#: rows of ``W`` converted to float64 at a time by :func:`column_gram` and :func:`rows_matmul`
+ROW_CHUNK = 4096
+
+
+def column_gram(weight: torch.Tensor, chunk: int = ROW_CHUNK) -> torch.Tensor:
+    """``W^T W`` (``n x n``, float64) of ``W`` (``f x n``), accumulated over float64 chunks of ``chunk`` rows."""
+    w = weight.detach()
+    n = w.shape[1]
+    p = torch.zeros(n, n, dtype=torch.float64, device=w.device)
+    for lo in range(0, w.shape[0], chunk):
+        c = w[lo:lo + chunk].to(torch.float64)
+        p.addmm_(c.T, c)
+    return p
+
+
+def rows_matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64,
+                chunk: int = ROW_CHUNK, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``A B`` in float64 (``b`` float64), ``chunk`` rows of ``A`` at a time, stored as ``dtype`` (or into ``out``).
+
+    For a tall ``A`` (``f x n``, any float dtype): no float64 copy of ``A`` is made."""
+    a = a.detach()
+    if out is None:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=dtype, device=a.device)
+    for lo in range(0, a.shape[0], chunk):
+        out[lo:lo + chunk] = (a[lo:lo + chunk].to(torch.float64) @ b).to(dtype)
+    return out
 
 
 def grouped_low_rank_factors(
@@ -312,6 +359,29 @@ def whitened_eigen(w: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torc
     return torch.where(keep, evals, torch.zeros_like(evals)), u
 
 
+def tall_whitened_eigen(p: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lambda, T)``: the eigenvalues (descending) of ``W M W^T`` and ``T`` (``n x n``) with ``U = W T``.
+
+    From ``P = W^T W`` and ``M`` alone (module docstring, tall layers): the same eigenpairs
+    as :func:`whitened_eigen` of ``W``, with the same cut of directions ``sigma_l <= 1e-7
+    sigma_1`` (their columns of ``T`` are zero).
+    """
+    lam, q = eigh_desc(0.5 * (m + m.T))
+    s = q * lam.sqrt()
+    evals, v = eigh_desc(0.5 * ((s.T @ p @ s) + (s.T @ p @ s).T))
+    sig = evals.sqrt()
+    keep = sig > 1e-7 * sig[0] if sig[0] > 0 else torch.zeros_like(sig, dtype=torch.bool)
+    t = (s @ v) / torch.where(keep, sig, torch.ones_like(sig))
+    t[:, ~keep] = 0.0
+    return torch.where(keep, evals, torch.zeros_like(evals)), t
+
+
+def is_tall(weight: torch.Tensor, moment: torch.Tensor, groups: int, output: torch.Tensor | None = None) -> bool:
+    """Whether the tall-layer (input-space) formulas apply: ``f > n/k``, a full moment and no output weighting."""
+    f, n = weight.shape
+    return output is None and moment.dim() == 2 and f > n // groups
+
+
 def block_eigen(w: torch.Tensor, m: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`whitened_eigen` of each block ``W_i`` (``w``: ``(k, f, n/k)``) under its diagonal block ``M_ii``."""
     k, _, nk = w.shape
@@ -335,6 +405,8 @@ def whitened_factors(
     unchanged.  With an output moment ``output = G``: the factors of ``S W`` under ``M``,
     then ``B <- S^{-1} B`` (the two-sided truncation, module docstring).
     """
+    if is_tall(weight, moment, groups, output):
+        return _tall_whitened_factors(weight, moment, groups, rank)
     weight, inv = output_weighted(weight, output, output_damping)
     w, m = moment_blocks(weight, moment, groups)
     k, f, nk = w.shape
@@ -344,9 +416,38 @@ def whitened_factors(
     a = b.transpose(1, 2) @ w  # (k, rank, nk)
     if inv is not None:
         b = inv @ b
-    scale = (a.norm(dim=2) / b.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(
-        torch.finfo(torch.float64).tiny).sqrt()  # (k, rank)
-    return a / scale.unsqueeze(2), b * scale.unsqueeze(1)
+    return _balance(a, b)
+
+
+def _balance(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` rescaled in place per rank-one term so that ``||a_l|| = ||b_l||`` (the product is unchanged)."""
+    tiny = torch.finfo(torch.float64).tiny
+    scale = (a.norm(dim=2) / b.norm(dim=1).clamp_min(tiny)).clamp_min(tiny).sqrt()  # (k, rank)
+    return a.div_(scale.unsqueeze(2)), b.mul_(scale.unsqueeze(1))
+
+
+def _tall_whitened_factors(weight: torch.Tensor, moment: torch.Tensor, groups: int,
+                           rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`whitened_factors` of a tall ``W`` from ``P = W^T W`` (module docstring): ``B_i = W_i T_i``, ``A_i = T_i^T P_ii``."""
+    f, n = weight.shape
+    if moment.shape != (n, n):
+        raise ValueError(f"moment of shape {tuple(moment.shape)} does not match a weight with {n} columns")
+    nk = n // groups
+    if n % groups:
+        raise ValueError(f"groups={groups} does not divide the {n} input columns")
+    if not 1 <= rank <= min(f, nk):
+        raise ValueError(f"rank must be in [1, {min(f, nk)}] for a {f}x{nk} block, got {rank}")
+    p, m = column_gram(weight), moment.to(torch.float64)
+    w = weight.detach()
+    a = torch.empty(groups, rank, nk, dtype=torch.float64)
+    b = torch.empty(groups, f, rank, dtype=torch.float64)
+    for i in range(groups):
+        sl = slice(i * nk, (i + 1) * nk)
+        _, t = tall_whitened_eigen(p[sl, sl], m[sl, sl])
+        t = t[:, :rank]
+        a[i] = t.T @ p[sl, sl]
+        rows_matmul(w[:, sl], t, out=b[i])
+    return _balance(a, b)
 
 
 @torch.no_grad()

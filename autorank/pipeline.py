@@ -415,8 +415,10 @@ class CompressStep:
         refit = self.settings.parts(self.calibrated, prep.heavy)["sequential"]
         if prep.streamed is not None:
             t = time.perf_counter()
+            # a model too big for all its moments is also too big to keep its dense layers in
+            # memory next to their replacements (the rollback holds them): they go to a mapped file
             done = stream_build(work, plan, prep.graph, prep.streamed, refit, outputs=prep.outputs,
-                                progress=self.progress)
+                                progress=self.progress, spill=prep.heavy)
             key = "refit" if refit else "realize"  # block by block, a block is realised then refitted
             timings[key] = time.perf_counter() - t
             log.info("built block by block, %d layers refitted: %.2fs", len(done), timings[key])

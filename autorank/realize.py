@@ -11,6 +11,9 @@ of a model needs:
   non-leaf tensor deepcopy refuses);
 * :func:`find_outside_reads`: which layers a parent's forward reads directly
   (``self.fc.weight.sum()``), so they can be left dense;
+* :func:`spill_to_disk`: the weights of modules that were swapped out and are held only so
+  that a rollback can put them back, moved into an unlinked memory-mapped file, so that a
+  large model compressed in place block by block does not hold its dense copy in memory;
 * :func:`meta_copy` and :func:`materialize`: module structure without the weights, and
   uninitialised storage for it (no random init, no use of the global RNG).
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import tempfile
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
@@ -32,7 +37,7 @@ from .modules import Factorized
 from .plan import Plan
 
 __all__ = ["realize", "replace_module", "densify", "restore_on_error", "copy_model", "meta_copy", "materialize",
-           "find_outside_reads", "preserve_rng", "check_finite_parameters"]
+           "find_outside_reads", "preserve_rng", "check_finite_parameters", "spill_to_disk"]
 
 
 def realize(
@@ -138,6 +143,45 @@ def restore_on_error(model: nn.Module) -> Iterator[nn.Module]:
             m._modules.update(children)
             m.training = training
         raise
+
+
+SPILL_MIN_BYTES = 1 << 16  # smaller tensors stay in memory (a file per call, not per tensor, anyway)
+
+
+@torch.no_grad()
+def spill_to_disk(modules: Iterable[nn.Module], live: nn.Module | None = None,
+                  directory: str | os.PathLike | None = None) -> int:
+    """Move the CPU parameters and buffers of ``modules`` into a memory-mapped file; the bytes moved.
+
+    For modules that were replaced in a model and are kept only so that
+    :func:`restore_on_error` can put them back: their values, dtypes and tensor objects stay
+    the same (``t.data`` is swapped, so every holder of a parameter sees the mapped copy),
+    but their storage becomes a private mapping of a file that is unlinked as soon as it is
+    mapped.  Pages that are never read are not resident, and the file disappears with the
+    last tensor that maps it (nothing is left behind, even if the process is killed after
+    the unlink).  Tensors that ``live`` (the model being compressed) still holds -- a tied
+    weight -- and tensors under :data:`SPILL_MIN_BYTES` are left alone.  ``directory``:
+    where the short-lived file is written (default: :func:`tempfile.gettempdir`).
+    """
+    keep = set() if live is None else {id(t) for t in (*live.parameters(), *live.buffers())}
+    found: dict[int, torch.Tensor] = {}
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            if (id(t) not in keep and t.device.type == "cpu" and not t.is_sparse
+                    and t.numel() * t.element_size() >= SPILL_MIN_BYTES):
+                found.setdefault(id(t), t)
+    if not found:
+        return 0
+    fd, path = tempfile.mkstemp(prefix="autorank-spill-", suffix=".pt", dir=directory)
+    os.close(fd)
+    try:
+        torch.save({str(i): t.detach() for i, t in found.items()}, path)
+        mapped = torch.load(path, mmap=True, weights_only=True)
+    finally:
+        os.unlink(path)
+    for i, t in found.items():
+        t.data = mapped[str(i)]
+    return sum(t.numel() * t.element_size() for t in found.values())
 
 
 @contextlib.contextmanager

@@ -62,6 +62,7 @@ from ._util import progress_bar
 from .calibration import layer_rows
 from .families import get_family, output_kwargs
 from .layers import get_layer_handler, set_weight_matrix
+from .linalg import rows_matmul
 from .modules import Factorized
 from .nested import entry, run_model
 from .plan import Plan
@@ -109,14 +110,17 @@ class CrossMoments:
 
 
 def effective_weight(weight: torch.Tensor, cross: torch.Tensor, cov: torch.Tensor,
-                     damping: float = 1e-6) -> torch.Tensor:
-    """``W_eff = W X (C + delta * mean(diag C) * I)^{-1}``, the least-squares map from ``x_hat`` to ``W x``."""
-    w = weight.detach().to(torch.float64)
+                     damping: float = 1e-6, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``W_eff = W X (C + delta * mean(diag C) * I)^{-1}``, the least-squares map from ``x_hat`` to ``W x``.
+
+    Computed as ``W K`` with ``K = X (C + dI)^{-1}`` (``n x n``, from ``(C + dI) K^T = X^T``, ``C``
+    symmetric), over float64 row chunks of ``W`` (:func:`autorank.linalg.rows_matmul`), and
+    stored as ``dtype``: an LM head is never copied whole to float64."""
     n = cov.shape[0]
     scale = float(cov.diagonal().mean()) or 1.0
     reg = cov + damping * scale * torch.eye(n, dtype=torch.float64)
-    # W_eff (C + dI) = W X  <=>  (C + dI) W_eff^T = X^T W^T   (C symmetric)
-    return torch.linalg.solve(reg, cross.T @ w.T).T
+    k = torch.linalg.solve(reg, cross.T).T
+    return rows_matmul(weight, k, dtype)
 
 
 def _output_bias(module: nn.Module) -> torch.Tensor | None:
@@ -135,19 +139,20 @@ def refit_layer(original: nn.Module, built: nn.Module, family: str, hyper: Mappi
     the bias do not depend on ``G``).  Returns a new module; ``original`` is not modified.
     """
     handler = get_layer_handler(original)
-    w = handler.weight_matrix(original).detach().to(torch.float64)
+    w = handler.weight_matrix(original).detach()
     bias = getattr(original, "bias", None)
     movable = bias is not None and _output_bias(built) is not None
     cov, cross, mu, mu_hat = moments.centred(movable)
-    w_eff = effective_weight(w, cross, cov, damping)
     target = copy.deepcopy(original)
-    set_weight_matrix(target, w_eff)
+    set_weight_matrix(target, effective_weight(w, cross, cov, damping, dtype=w.dtype))
     fam = get_family(family)
     new = fam.realize(target, dict(hyper), cov, **output_kwargs(fam, output))
+    del target
     if movable:
         dense = new.to_dense()
-        w_hat = get_layer_handler(dense).weight_matrix(dense).detach().to(torch.float64)
-        b_hat = bias.detach().to(torch.float64) + w @ mu - w_hat @ mu_hat
+        w_hat = get_layer_handler(dense).weight_matrix(dense).detach()
+        b_hat = (bias.detach().to(torch.float64) + rows_matmul(w, mu.unsqueeze(1)).squeeze(1)
+                 - rows_matmul(w_hat, mu_hat.unsqueeze(1)).squeeze(1))
         out_bias = _output_bias(new)
         out_bias.copy_(b_hat.to(out_bias.dtype))
     return new

@@ -74,7 +74,7 @@ from .graph import LayerGraph
 from .layers import get_layer_handler
 from .nested import Call, entry, primary_tensor, run_model, tensors
 from .plan import Plan
-from .realize import realize
+from .realize import realize, spill_to_disk
 from .sequential import sequential_refit
 
 __all__ = ["Chain", "find_chain", "Streamed", "stream_curves", "stream_build", "input_moment_bytes",
@@ -501,8 +501,14 @@ def stream_build(
     outputs: Mapping[str, Moments] | None = None,
     damping: float = 1e-6,
     progress: bool | None = None,
+    spill: bool = False,
 ) -> list[str]:
-    """Pass 2 (module docstring): realise ``plan`` in ``model`` (in place), block by block; the refitted layers."""
+    """Pass 2 (module docstring): realise ``plan`` in ``model`` (in place), block by block; the refitted layers.
+
+    ``spill``: once a block is built, the dense layers it replaced -- held only by the
+    rollback of :func:`autorank.realize.restore_on_error` -- are moved to an unlinked
+    memory-mapped file (:func:`autorank.realize.spill_to_disk`), so the dense and the
+    compressed copy of the model are never in memory together."""
     from ._util import progress_bar
 
     chain, batches, key = streamed.chain, streamed.batches, streamed.mask_key
@@ -512,7 +518,16 @@ def stream_build(
     outer = _attach(streamed.outer, outputs)
     done: list[str] = []
 
+    def originals(names: Sequence[str]) -> dict[str, nn.Module]:
+        return {n: model.get_submodule(n) for n in names if n in plan.layers and plan.layers[n].compressed}
+
+    def release(before: Mapping[str, nn.Module]) -> None:
+        if spill:
+            moved = spill_to_disk([m for n, m in before.items() if model.get_submodule(n) is not m], live=model)
+            log.debug("moved %.1f MiB of replaced dense weights to a mapped file", moved / 2 ** 20)
+
     def outer_step(names: Sequence[str], run_ref: Any, run_new: Any) -> None:
+        before = originals(names)
         wanted = _refitted(model, plan, names, streamed.reached) if refit else []
         if wanted:
             reference = _outer_reference(model, wanted)
@@ -525,6 +540,7 @@ def stream_build(
             del reference
             done.extend(got)
             _check_done(model, plan, wanted, got, outer)
+        release(before)
 
     with _no_cache(model):
         nothing = lambda m: contextlib.nullcontext()  # noqa: E731
@@ -546,6 +562,7 @@ def stream_build(
                 moms = collect_moments(block, {_relative(n, bname): graph.layers[n] for n in rest}, calls,
                                        False, key, quiet_missing=True)
                 moms = _attach({f"{bname}.{n}": m for n, m in moms.items()}, outputs)
+            before = originals(names)
             reference = copy.deepcopy(block) if wanted else block
             nxt, outs = run_block(reference, calls)
             _realize_some(model, plan, names, wanted, moms)
@@ -560,6 +577,7 @@ def stream_build(
             del reference, moms
             if refit:
                 hat, outs_hat = run_block(block, hat)
+            release(before)
             calls = nxt
             log.info("block %d/%d %s: built%s, %.2fs", i + 1, len(chain.blocks), bname,
                      " and refitted" if wanted else "", time.perf_counter() - t)

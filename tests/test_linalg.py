@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,60 @@ def test_eigh_desc_is_descending_and_clamped():
     evals, evecs = linalg.eigh_desc((q * lam) @ q.T)
     torch.testing.assert_close(evals, lam.clamp_min(0), rtol=0, atol=1e-12)
     torch.testing.assert_close(evecs.abs(), q.abs(), rtol=0, atol=1e-10)
+
+
+# ---- tall layers in input space (f > n/k): the same curves and factors without an f x n float64 copy ----
+
+TALL = [  # (f, n, groups, rank of the inputs or None for full)
+    (40, 16, 1, None), (40, 16, 2, None), (40, 16, 4, 3), (33, 32, 8, 5), (64, 8, 1, 2),
+]
+
+
+def _explicit(monkeypatch, fn, *args):
+    """``fn(*args)`` with the tall-layer formulas switched off (the f x n computation)."""
+    from autorank.families import alds
+
+    with monkeypatch.context() as mp:
+        mp.setattr(alds, "is_tall", lambda *a, **k: False)
+        mp.setattr(linalg, "is_tall", lambda *a, **k: False)
+        return fn(*args)
+
+
+@pytest.mark.parametrize("f,n,k,data_rank", TALL, ids=[f"{f}x{n}-k{k}-r{r}" for f, n, k, r in TALL])
+def test_tall_layers_give_the_explicit_errors_and_factors(f, n, k, data_rank, monkeypatch):
+    from autorank.families.alds import whitened_error_curve
+
+    torch.manual_seed(0)
+    w = torch.randn(f, n)
+    x = torch.randn(300, n if data_rank is None else data_rank)
+    if data_rank is not None:  # inputs in a low-rank subspace: a singular moment, no NaN and no failure
+        x = x @ torch.randn(data_rank, n)
+    x = x.double()
+    m = x.T @ x / 300
+    assert linalg.is_tall(w, m, k)
+    err, spec = whitened_error_curve(w, m, k)
+    err0, spec0 = _explicit(monkeypatch, whitened_error_curve, w, m, k)
+    assert np.isfinite(err).all() and np.abs(err - err0).max() < 1e-10
+    np.testing.assert_allclose(spec, spec0, rtol=1e-9, atol=1e-9 * spec0[0])
+    rank = max(1, min(f, n // k) // 2)
+    a, b = linalg.whitened_factors(w, m, k, rank)
+    a0, b0 = _explicit(monkeypatch, linalg.whitened_factors, w, m, k, rank)
+    prod = torch.cat([b[i] @ a[i] for i in range(k)], 1)
+    prod0 = torch.cat([b0[i] @ a0[i] for i in range(k)], 1)
+    assert torch.isfinite(prod).all() and float((prod - prod0).norm() / prod0.norm()) < 1e-10
+    # and the curve is the measured error of those factors: ||(W - W_hat) X|| / ||W X||
+    measured = float(((w.double() - prod) @ x.T).norm() / (w.double() @ x.T).norm())
+    assert measured == pytest.approx(float(err[rank - 1]), abs=1e-7)  # (directions under 1e-7 sigma_1 are cut)
+
+
+def test_column_gram_and_rows_matmul_work_in_chunks_of_rows():
+    torch.manual_seed(0)
+    w = torch.randn(10, 4)
+    torch.testing.assert_close(linalg.column_gram(w, chunk=3), w.double().T @ w.double())
+    b = torch.randn(4, 2, dtype=torch.float64)
+    out = linalg.rows_matmul(w, b, torch.float32, chunk=3)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (w.double() @ b).float())
 
 
 def test_split_columns_rejects_groups_that_do_not_divide():

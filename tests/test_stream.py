@@ -279,3 +279,68 @@ def test_a_layer_that_stops_reading_the_shared_tensor_gets_its_own_exact_moment(
     assert moms["b"].sum is not moms["a"].sum and moms["b"].count == rows.shape[0]
     xs = torch.cat(batches).double()
     torch.testing.assert_close(moms["a"].matrix, xs.T @ xs / xs.shape[0])
+
+
+# ---- the dense layers a rollback holds live in a mapped file, not in memory -------------------------
+
+def _spilled(t: torch.Tensor) -> bool:
+    """Whether ``t``'s storage lies in a mapping of an (unlinked) autorank spill file."""
+    ptr = t.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return "autorank-spill-" in line
+    return False
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_spill_to_disk_keeps_values_and_objects_and_leaves_live_and_small_tensors():
+    from autorank.realize import spill_to_disk
+
+    torch.manual_seed(0)
+    big, small = nn.Linear(256, 128), nn.Linear(4, 4)
+    tied = nn.Linear(256, 128)
+    live = nn.Sequential(nn.Linear(128, 256))
+    tied.weight = nn.Parameter(live[0].weight.detach().T.contiguous())
+    live[0].weight = tied.weight  # a replaced layer's weight that the live model still holds
+    before = {id(t): t.detach().clone() for m in (big, small, tied) for t in m.parameters()}
+    objects = [big.weight, big.bias, small.weight, tied.weight]
+    moved = spill_to_disk([big, small, tied], live=live)
+    assert moved == big.weight.numel() * 4  # only the big weight: the bias and small are under 64 KiB
+    assert [big.weight, big.bias, small.weight, tied.weight] == objects  # the same Parameter objects
+    assert _spilled(big.weight) and not _spilled(big.bias) and not _spilled(tied.weight)
+    for m in (big, small, tied):
+        for t in m.parameters():
+            assert torch.equal(t, before[id(t)])
+    assert not [p for p in __import__("os").listdir(__import__("tempfile").gettempdir())
+                if p.startswith("autorank-spill-")]  # the file is unlinked once mapped
+    big.weight.data.mul_(2)  # a private mapping: writable, and the writes stay in this process
+    assert torch.equal(big.weight, 2 * before[id(big.weight)])
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_a_heavy_inplace_stream_spills_the_replaced_layers_and_a_failure_still_restores_them(monkeypatch):
+    import importlib
+
+    realize_mod = importlib.import_module("autorank.realize")  # (autorank.realize is also the function)
+    monkeypatch.setattr(pipeline, "OUTPUT_MOMENTS_LIMIT", -1)  # heavy: one block's moments at a time
+    monkeypatch.setattr(realize_mod, "SPILL_MIN_BYTES", 0)  # the tiny model's weights count as big
+    model, batches = tiny_llama(), token_batches()
+    ref = [run(model, b) for b in batches]
+    dense = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    spilled_at_failure = {}
+
+    def fail(*a, **k):
+        spilled_at_failure.update({n: _spilled(m.weight) for n, m in dense.items()})
+        raise RuntimeError("injected after the build")
+    monkeypatch.setattr(pipeline, "measure_totals", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        autorank.optimize(model, 0.5, batches[0], calibration=batches, progress=False, inplace=True)
+    replaced = [n for n, s in spilled_at_failure.items() if s]
+    assert any(".self_attn." in n for n in replaced) and any(".mlp." in n for n in replaced), spilled_at_failure
+    # the rollback put the very same (now mapped) modules back: the model is as it was
+    assert {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)} == dense
+    for b, r in zip(batches, ref):
+        assert torch.equal(run(model, b), r)

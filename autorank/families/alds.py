@@ -83,8 +83,9 @@ import torch.nn.functional as F
 from ..config import CurveConfig
 from ..graph import LayerInfo
 from ..layers import LINEAR_KINDS, get_layer_handler
-from ..linalg import (OUTPUT_DAMPING, block_eigen, grouped_low_rank_factors, moment_blocks, output_roots,
-                      output_weighted, singular_values, split_columns, whitened_factors)
+from ..linalg import (OUTPUT_DAMPING, block_eigen, column_gram, grouped_low_rank_factors, is_tall, moment_blocks,
+                      output_roots, output_weighted, singular_values, split_columns, tall_whitened_eigen,
+                      whitened_factors)
 from ..measures import check_hyper
 from ..modules import Factorized
 from .base import CandidateColumns, Family, register_family, supports_kinds
@@ -142,7 +143,8 @@ def alds_cost(rank: np.ndarray | int, f: int, c: int, taps: int, groups: int) ->
 @torch.no_grad()
 def whitened_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int = 1,
                          output: torch.Tensor | None = None,
-                         output_damping: float = OUTPUT_DAMPING) -> tuple[np.ndarray, np.ndarray]:
+                         output_damping: float = OUTPUT_DAMPING,
+                         gram: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Data-aware errors ``eps(j)`` for ranks ``j = 1 .. min(f, n/groups)`` of the per-group whitened truncation.
 
     Returns ``(errors, spectrum)``: ``errors[j-1] = ||(W - W_hat_j) X||_F / ||W X||_F``
@@ -153,23 +155,25 @@ def whitened_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int
     ``errors[j-1] = ||S (W - W_hat_j) X||_F / ||S W X||_F`` of the two-sided truncation.
 
     Cost per group: one ``min(f, n/k)``-sized eigendecomposition; the cross terms
-    work on ``r x r`` matrices, ``r = min(f, n/k)``.
+    work on ``r x r`` matrices, ``r = min(f, n/k)``.  A tall layer (``f > n/k``, no
+    output moment) is computed in input space from ``gram = W^T W`` (given, or
+    :func:`autorank.linalg.column_gram`), with no ``f x n`` float64 copy
+    (:mod:`autorank.linalg`, tall layers).
     """
+    if is_tall(weight, moment, groups, output):
+        return _tall_error_curve(weight, moment, groups, gram)
     weight = output_weighted(weight, output, output_damping)[0]
     w, m = moment_blocks(weight, moment, groups)
     k, f, nk = w.shape
     rank_max = min(f, nk)
-    w_full = weight.detach().to(torch.float64)
+    w_full = w.transpose(0, 1).reshape(f, k * nk) if m.dim() == 2 else w[0]  # a view of the float64 copy
     total = float((w_full * w_full * m).sum()) if m.dim() == 1 else float(((w_full @ m) * w_full).sum())
     eig = block_eigen(w, m)
     spectrum = eig[0][0][:rank_max].sqrt().numpy()
     if total <= 0.0:
         return np.zeros(rank_max), spectrum
-    if k == 1:
-        lam = eig[0][0][:rank_max]
-        tail = lam.flip(0).cumsum(0).flip(0)  # tail[l] = sum_{l' >= l} lambda
-        err2 = torch.cat([tail[1:], tail.new_zeros(1)])
-    else:
+
+    def cross() -> torch.Tensor:
         us = [u[:, :rank_max] for _, u in eig]  # (f, r) each
         zs = [us[i].T @ w[i] for i in range(k)]  # Z_i = U_i^T W_i  (r, nk)
         c = torch.zeros(rank_max, rank_max, dtype=torch.float64)
@@ -178,14 +182,61 @@ def whitened_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int
             for i2 in range(k):
                 h = zm[:, i2 * nk:(i2 + 1) * nk] @ zs[i2].T  # U_i^T W_i M_ii' W_i'^T U_i'
                 c += (us[i].T @ us[i2]) * h
+        return c
+
+    return _error_from_cross(eig[0][0], k, nk, rank_max, total, cross), spectrum
+
+
+def _error_from_cross(lam0: torch.Tensor, k: int, nk: int, rank_max: int, total: float,
+                      cross: Any) -> np.ndarray:
+    """``eps(j)`` for ``j = 1 .. rank_max`` from the eigenvalues of group 0 (``k = 1``) or the
+    ``r x r`` cross-term matrix ``C`` (``cross()``, ``k > 1``): the last step of both forms."""
+    if k == 1:
+        lam = lam0[:rank_max]
+        tail = lam.flip(0).cumsum(0).flip(0)  # tail[l] = sum_{l' >= l} lambda
+        err2 = torch.cat([tail[1:], tail.new_zeros(1)])
+    else:
+        c = cross()
         suffix = c.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1)  # suffix[a, b] = sum_{l>=a, l'>=b} C
         j = torch.arange(1, rank_max + 1)
         err2 = torch.where(j < rank_max, suffix[j.clamp_max(rank_max - 1), j.clamp_max(rank_max - 1)],
                            torch.zeros(()))
     # at j >= n/k every group keeps its whole row space (the data error is then 0 up to rounding)
     err2 = torch.where(torch.arange(1, rank_max + 1) >= nk, torch.zeros(()), err2)
-    err = (err2.clamp_min(0) / total).sqrt().numpy()
-    return err, spectrum
+    return (err2.clamp_min(0) / total).sqrt().numpy()
+
+
+def _tall_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int,
+                      gram: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`whitened_error_curve` of a tall layer from ``P = W^T W`` (``U_i = W_i T_i``, :mod:`autorank.linalg`)."""
+    f, n = weight.shape
+    if moment.shape != (n, n):
+        raise ValueError(f"moment of shape {tuple(moment.shape)} does not match a weight with {n} columns")
+    if n % groups:
+        raise ValueError(f"groups={groups} does not divide the {n} input columns")
+    p = column_gram(weight) if gram is None else gram
+    m = moment.to(torch.float64)
+    k, nk = groups, n // groups
+    rank_max = nk  # = min(f, n/k) for a tall layer
+    blocks = [slice(i * nk, (i + 1) * nk) for i in range(k)]
+    total = float((p * m).sum())  # tr(P M) = ||W X||_F^2 / N
+    eig = [tall_whitened_eigen(p[b, b], m[b, b]) for b in blocks]
+    spectrum = eig[0][0][:rank_max].sqrt().numpy()
+    if total <= 0.0:
+        return np.zeros(rank_max), spectrum
+
+    def cross() -> torch.Tensor:
+        ts = [t for _, t in eig]  # U_i = W_i T_i
+        zs = [ts[i].T @ p[blocks[i], blocks[i]] for i in range(k)]  # Z_i = U_i^T W_i = T_i^T P_ii  (r, nk)
+        c = torch.zeros(rank_max, rank_max, dtype=torch.float64)
+        for i in range(k):
+            zm = zs[i] @ m[blocks[i]]  # Z_i [M_i1 ... M_ik]  (r, n)
+            for i2 in range(k):
+                h = zm[:, blocks[i2]] @ zs[i2].T
+                c += (ts[i].T @ p[blocks[i], blocks[i2]] @ ts[i2]) * h  # (U_i^T U_i') * h
+        return c
+
+    return _error_from_cross(eig[0][0], k, nk, rank_max, total, cross), spectrum
 
 
 # ---- modules ----------------------------------------------------------------------------------
@@ -433,9 +484,13 @@ def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
     bias = f if info.has_bias else 0
     ks, js, ups, lows = [], [], [], []
     sigma1 = None
+    gram = None
     for k in sorted(group_choices(info, config)):
         if moment is not None:
-            err, _ = whitened_error_curve(w, moment, k)
+            tall = is_tall(w, moment, k)  # (w is already S W under an output moment)
+            if tall and gram is None:
+                gram = column_gram(w)  # W^T W serves every k of a tall layer
+            err, _ = whitened_error_curve(w, moment, k, gram=gram if tall else None)
             upper = lower = err
             m = len(err)
         else:
