@@ -41,7 +41,7 @@ from .realize import (check_finite_parameters, copy_model, find_outside_reads, p
 from .result import OptimizeResult
 from .sequential import sequential_refit
 from .solver import network_bound
-from .stream import Streamed, find_chain, input_moment_bytes, output_moment_bytes, stream_build, stream_curves
+from .stream import Streamed, block_replay, find_chain, input_moment_bytes, output_moment_bytes, stream_build, stream_curves
 
 __all__ = ["Settings", "CompressStep", "Prepared", "make_plan", "fixed_cost", "measure_totals",
            "record_built_errors"]
@@ -387,7 +387,9 @@ class CompressStep:
             return allocate(prep.curves if curves is None else curves, budget, self.metric, prep.total, prep.fixed,
                             solver or self.settings.solver, self.settings.allocator(self.calibrated, prep.heavy),
                             model=work, example_inputs=self.example_inputs, moments=prep.moments,
-                            evaluate=self.evaluate, cache={} if cache is None else cache, outputs=prep.outputs)
+                            evaluate=self.evaluate, cache={} if cache is None else cache, outputs=prep.outputs,
+                            replay=None if prep.streamed is None else
+                            block_replay(work, prep.streamed.chain, self.example_inputs, prep.streamed.mask_key))
 
     # -- stage 3
     def plan(self, prep: Prepared, picked: Mapping[str, int], budget: float,

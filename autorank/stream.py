@@ -62,7 +62,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -78,7 +78,7 @@ from .realize import realize, spill_to_disk
 from .sequential import sequential_refit
 
 __all__ = ["Chain", "find_chain", "Streamed", "stream_curves", "stream_build", "input_moment_bytes",
-           "output_moment_bytes"]
+           "output_moment_bytes", "block_replay"]
 
 log = logging.getLogger(__name__)
 
@@ -345,20 +345,59 @@ class _Replay(nn.Module):
 
 
 @contextlib.contextmanager
-def replayed(model: nn.Module, chain: Chain, inputs: Sequence[Call], outputs: Sequence[Any]) -> Iterator[None]:
-    """Every block of ``model`` replaced by a replay: the first block's call ``inputs[i]`` gives ``outputs[i]``."""
+def replayed(model: nn.Module, chain: Chain, inputs: Sequence[Call], outputs: Sequence[Any],
+             upto: int | None = None) -> Iterator[None]:
+    """The first ``upto`` blocks of ``model`` (all by default) replaced by replays: the first block's
+    call ``inputs[i]`` gives ``outputs[i]`` (block ``upto - 1``'s output on batch ``i``), and the
+    blocks from ``upto`` on run on it."""
     container = model.get_submodule(chain.container) if chain.container else model
     saved = list(container)
+    upto = len(saved) if upto is None else upto
     state = {"batch": -1}
     keys = [c.args[0] for c in inputs]
     try:
-        for i in range(len(saved)):
+        for i in range(upto):
             container[i] = _Replay(keys, outputs, state, first=(i == 0))
         with _no_cache(model):
             yield
     finally:
         for i, block in enumerate(saved):
             container[i] = block
+
+
+def block_replay(model: nn.Module, chain: Chain, example: Any,
+                 mask_key: str = "attention_mask") -> Callable[[nn.Module, str], ContextManager[None]]:
+    """``replay(work, layer)``: a context in which ``work`` -- a copy of ``model`` that differs from it
+    in ``layer`` only -- skips the blocks before ``layer``'s own on ``example`` (exact: they replay
+    the dense model's outputs on it, computed once here, on first use).
+
+    For allocators that score one changed layer at a time (:func:`autorank.allocators.output_gains`):
+    a layer in block ``b`` costs blocks ``b ..`` instead of the whole model.  A layer of the
+    prefix runs everything; one of the suffix replays every block.
+    """
+    where = {n: i for i, b in enumerate(chain.blocks) for n in chain.inside[b]}
+    where.update({n: len(chain.blocks) for n in chain.after})
+    stored: dict[str, Any] = {}
+
+    def outputs() -> tuple[list[Call], list[list[Any]]]:
+        if not stored:
+            with _no_cache(model):
+                inputs, _ = capture_inputs(model, chain, [example], {}, False, mask_key)
+                calls, outs = inputs, []
+                for bname in chain.blocks:
+                    calls, out = run_block(model.get_submodule(bname), calls)
+                    outs.append(out)
+            stored.update(inputs=inputs, outs=outs)
+        return stored["inputs"], stored["outs"]
+
+    def replay(work: nn.Module, layer: str) -> ContextManager[None]:
+        b = where.get(layer, 0)
+        if b == 0:
+            return contextlib.nullcontext()
+        inputs, outs = outputs()
+        return replayed(work, chain, inputs, outs[b - 1], upto=b)
+
+    return replay
 
 
 def _attach(moments: dict[str, Moments], outputs: Mapping[str, Moments]) -> dict[str, Moments]:

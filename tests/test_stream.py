@@ -344,3 +344,33 @@ def test_a_heavy_inplace_stream_spills_the_replaced_layers_and_a_failure_still_r
     assert {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)} == dense
     for b, r in zip(batches, ref):
         assert torch.equal(run(model, b), r)
+
+
+# ---- probes skip the unchanged blocks before the changed layer ---------------------------------------
+
+@pytest.mark.parametrize("name", ["llama", "bert", "stack"])
+def test_block_replay_gives_the_full_runs_output_and_skips_the_blocks_before_the_layer(name):
+    make, batches_of = CASES[name]
+    model = make()
+    example = batches_of()[0]
+    chain = stream.find_chain(model, list(analyze(model, example).layers), example)
+    assert isinstance(chain, stream.Chain), chain
+    replay = stream.block_replay(model, chain, example)
+    work = copy.deepcopy(model)
+    calls = {b: 0 for b in chain.blocks}
+    for b in chain.blocks:
+        work.get_submodule(b).register_forward_pre_hook(lambda m, a, b=b: calls.__setitem__(b, calls[b] + 1))
+    last = chain.blocks[-1]
+    layer = chain.inside[last][0]
+    with torch.no_grad():
+        work.get_submodule(layer).weight.mul_(0.5)  # the copy differs in that layer only
+    full = run(work, example)
+    counted = dict(calls)
+    with replay(work, layer):
+        part = run(work, example)
+    assert torch.equal(part, full)  # exact: the skipped blocks replay the same values
+    assert {b: calls[b] - counted[b] for b in chain.blocks} == {b: int(b == last) for b in chain.blocks}
+    assert isinstance(work.get_submodule(chain.blocks[0]), type(model.get_submodule(chain.blocks[0])))  # put back
+    if chain.before:  # a prefix layer: nothing to skip
+        with replay(work, chain.before[0]):
+            torch.testing.assert_close(run(work, example), full)

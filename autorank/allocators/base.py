@@ -44,6 +44,10 @@ class AllocationContext:
               moments of :func:`autorank.calibration.collect_output_moments`), or None.
     cache:    a dict the allocator may use to keep results between calls with the
               same model (e.g. a sensitivity table); ``optimize`` keeps one per run.
+    replay:   ``replay(work, layer)``, a context in which a copy ``work`` of the model that
+              differs only in ``layer`` runs on ``example_inputs`` without recomputing the
+              unchanged blocks before that layer (exact; :func:`autorank.stream.block_replay`),
+              or None (run it all).
     """
 
     curves: Mapping[str, LayerCurves]
@@ -58,6 +62,7 @@ class AllocationContext:
     evaluate: Callable[[Any], float] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
     outputs: Mapping[str, Any] | None = None
+    replay: Callable[[Any, str], Any] | None = None
 
     @property
     def room(self) -> float:
@@ -153,7 +158,7 @@ def allocate(
     ``allocator`` names a registered allocator (``available_allocators()``) or is a
     callable taking an :class:`autorank.allocators.AllocationContext`; ``context``
     fills that context's optional fields (``model``, ``example_inputs``, ``moments``,
-    ``evaluate``, ``cache``, ``outputs``) for allocators that use data or evaluations.
+    ``evaluate``, ``cache``, ``outputs``, ``replay``) for allocators that use data or evaluations.
     Returns ``({layer: candidate index}, largest error)``.
 
     Raises:

@@ -12,6 +12,7 @@ table's on-disk cache and its fingerprint are in :mod:`autorank.allocators.cache
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -112,6 +113,8 @@ def _score_layers(ctx: AllocationContext, tables: Mapping[str, RankTable],
     """``{layer: [[rank, score], ...]}``: one deep copy of the model scored with one layer at a time truncated."""
     work = copy.deepcopy(ctx.dense_model())
     score = _scorer(ctx, work)
+    # the fidelity score runs the example inputs: the blocks before the changed layer can replay
+    skip = ctx.replay if ctx.evaluate is None and ctx.replay is not None else (lambda m, n: contextlib.nullcontext())
     alds = get_family("alds")
     scores: dict[str, list[list[float]]] = {}
     for name, t in track(tables.items(), "allocator probes", total=len(tables), unit="layer",
@@ -127,7 +130,8 @@ def _score_layers(ctx: AllocationContext, tables: Mapping[str, RankTable],
             new.train(old.training)
             replace_module(work, name, new)
             try:
-                q = float(score(work))
+                with skip(work, name):
+                    q = float(score(work))
             finally:
                 replace_module(work, name, old)
             rows.append([int(j), q if math.isfinite(q) else -math.inf])  # NaN scores count as the worst
