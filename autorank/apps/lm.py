@@ -288,7 +288,7 @@ def _doc_data(vocab_size: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
     return tok, train, held
 
 
-def train_doc_llama(cache_dir: str | os.PathLike | None = ".cache/autorank", steps: int = 600,
+def train_doc_llama(cache_dir: str | os.PathLike | None | bool = True, steps: int = 600,
                     batch_size: int = 8, lr: float = 2e-3, seed: int = 0, vocab_size: int = 2048,
                     force: bool = False) -> DocLlama:
     """A ``LlamaForCausalLM`` (:func:`doc_llama_config`, 6.8 M parameters) trained on :data:`DOC_PACKAGES` docs.
@@ -298,9 +298,10 @@ def train_doc_llama(cache_dir: str | os.PathLike | None = ".cache/autorank", ste
     tokens.  Training: ``steps`` AdamW steps (betas 0.9/0.95, weight decay 0.1) of ``batch_size``
     random training windows, peak ``lr`` after 5 % linear warm-up then cosine to 10 %, gradients
     clipped to norm 1, seeded by ``seed``.  The loss and the held-out perplexity are logged and kept
-    in ``log``.  The weights, the tokenizer and the log are cached in ``cache_dir`` under a name that
-    encodes the recipe, so a later call loads them; ``force`` retrains, ``cache_dir=None`` never
-    caches.  Returns the model on CPU in eval mode.
+    in ``log``.  The weights, the tokenizer and the log are cached in ``cache_dir`` (``True``: the
+    user cache folder, :func:`autorank.apps.zoo.user_cache_dir`, ``$AUTORANK_CACHE`` to override it)
+    under a name that encodes the recipe, so a later call loads them; ``force`` retrains,
+    ``cache_dir=None`` (or ``False``) never caches.  Returns the model on CPU in eval mode.
     """
     from safetensors.torch import load_file, save_file
     from tokenizers import Tokenizer
@@ -310,7 +311,9 @@ def train_doc_llama(cache_dir: str | os.PathLike | None = ".cache/autorank", ste
         check_count(name, v)
     check_count("seed", seed, low=0)
     stem = f"doc_llama-v{_DOC_LLAMA_VERSION}-V{vocab_size}-n{steps}-b{batch_size}-lr{lr:g}-s{seed}"
-    folder = None if cache_dir is None else Path(cache_dir)
+    from .zoo import user_cache_dir
+
+    folder = user_cache_dir() if cache_dir is True else None if cache_dir in (None, False) else Path(cache_dir)
     if folder is not None and (folder / f"{stem}.safetensors").is_file() and not force:
         tok = Tokenizer.from_file(str(folder / f"{stem}.tokenizer.json"))
         _, train, held = _doc_data_with(tok)
@@ -320,6 +323,8 @@ def train_doc_llama(cache_dir: str | os.PathLike | None = ".cache/autorank", ste
         logger.info("loaded cached doc-Llama from %s", folder / f"{stem}.safetensors")
         return DocLlama(model.eval(), tok, train, held, log)
 
+    logger.warning("training the doc-Llama (%d steps of %d windows; minutes on 2 CPU cores)%s", steps, batch_size,
+                   f"; it will be cached in {folder}" if folder is not None else " (no cache: cache_dir=None)")
     tok, train, held = _doc_data(vocab_size)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(doc_llama_config(tok.get_vocab_size()))
