@@ -368,7 +368,8 @@ def tall_whitened_eigen(p: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor,
     """
     lam, q = eigh_desc(0.5 * (m + m.T))
     s = q * lam.sqrt()
-    evals, v = eigh_desc(0.5 * ((s.T @ p @ s) + (s.T @ p @ s).T))
+    sps = s.T @ p @ s
+    evals, v = eigh_desc(0.5 * (sps + sps.T))
     sig = evals.sqrt()
     keep = sig > 1e-7 * sig[0] if sig[0] > 0 else torch.zeros_like(sig, dtype=torch.bool)
     t = (s @ v) / torch.where(keep, sig, torch.ones_like(sig))
@@ -439,8 +440,8 @@ def _tall_whitened_factors(weight: torch.Tensor, moment: torch.Tensor, groups: i
         raise ValueError(f"rank must be in [1, {min(f, nk)}] for a {f}x{nk} block, got {rank}")
     p, m = column_gram(weight), moment.to(torch.float64)
     w = weight.detach()
-    a = torch.empty(groups, rank, nk, dtype=torch.float64)
-    b = torch.empty(groups, f, rank, dtype=torch.float64)
+    a = torch.empty(groups, rank, nk, dtype=torch.float64, device=w.device)
+    b = torch.empty(groups, f, rank, dtype=torch.float64, device=w.device)
     for i in range(groups):
         sl = slice(i * nk, (i + 1) * nk)
         _, t = tall_whitened_eigen(p[sl, sl], m[sl, sl])

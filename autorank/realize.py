@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping
@@ -38,6 +39,8 @@ from .plan import Plan
 
 __all__ = ["realize", "replace_module", "densify", "restore_on_error", "copy_model", "meta_copy", "materialize",
            "find_outside_reads", "preserve_rng", "check_finite_parameters", "spill_to_disk"]
+
+log = logging.getLogger(__name__)
 
 
 def realize(
@@ -159,26 +162,40 @@ def spill_to_disk(modules: Iterable[nn.Module], live: nn.Module | None = None,
     but their storage becomes a private mapping of a file that is unlinked as soon as it is
     mapped.  Pages that are never read are not resident, and the file disappears with the
     last tensor that maps it (nothing is left behind, even if the process is killed after
-    the unlink).  Tensors that ``live`` (the model being compressed) still holds -- a tied
-    weight -- and tensors under :data:`SPILL_MIN_BYTES` are left alone.  ``directory``:
+    the unlink).  Left alone: tensors whose storage ``live`` (the model being compressed) still
+    holds (a tied weight), views of a larger storage, tensor subclasses and quantized tensors,
+    and tensors under :data:`SPILL_MIN_BYTES`.  If the file cannot be written (a full disk),
+    a warning is logged and nothing moves.  ``directory``:
     where the short-lived file is written (default: :func:`tempfile.gettempdir`).
     """
-    keep = set() if live is None else {id(t) for t in (*live.parameters(), *live.buffers())}
+    def storage(t: torch.Tensor) -> int:
+        return t.untyped_storage().data_ptr()
+
+    keep = set() if live is None else {storage(t) for t in (*live.parameters(), *live.buffers())}
     found: dict[int, torch.Tensor] = {}
     for module in modules:
         for t in (*module.parameters(), *module.buffers()):
-            if (id(t) not in keep and t.device.type == "cpu" and not t.is_sparse
-                    and t.numel() * t.element_size() >= SPILL_MIN_BYTES):
-                found.setdefault(id(t), t)
+            nbytes = t.numel() * t.element_size()
+            if (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.layout == torch.strided
+                    and not t.is_quantized and nbytes >= SPILL_MIN_BYTES
+                    # a view of a larger storage (a flat buffer, a slice) or a storage the live model
+                    # still reads (a tie) stays: moving it would copy more than it frees, or untie it
+                    and t.untyped_storage().nbytes() == nbytes and storage(t) not in keep):
+                found.setdefault(storage(t), t)
     if not found:
         return 0
-    fd, path = tempfile.mkstemp(prefix="autorank-spill-", suffix=".pt", dir=directory)
-    os.close(fd)
     try:
-        torch.save({str(i): t.detach() for i, t in found.items()}, path)
-        mapped = torch.load(path, mmap=True, weights_only=True)
-    finally:
-        os.unlink(path)
+        fd, path = tempfile.mkstemp(prefix="autorank-spill-", suffix=".pt", dir=directory)
+        os.close(fd)
+        try:
+            torch.save({str(i): t.detach() for i, t in found.items()}, path)
+            mapped = torch.load(path, mmap=True, weights_only=True)
+        finally:
+            os.unlink(path)
+    except OSError as exc:  # a full disk, say: the weights stay in memory, which only costs memory
+        log.warning("could not move %d replaced dense tensors to a temporary file (%s); they stay in memory",
+                    len(found), exc)
+        return 0
     for i, t in found.items():
         t.data = mapped[str(i)]
     return sum(t.numel() * t.element_size() for t in found.values())

@@ -72,7 +72,7 @@ from .curves import LayerCurves, build_curves
 from .families import get_family
 from .graph import LayerGraph
 from .layers import get_layer_handler
-from .nested import Call, entry, primary_tensor, run_model, tensors
+from .nested import Call, entry, map_tensors, primary_tensor, run_model, tensors
 from .plan import Plan
 from .realize import realize, spill_to_disk
 from .sequential import sequential_refit
@@ -203,6 +203,7 @@ def find_chain(model: nn.Module, layers: Sequence[str], batch: Any) -> Chain | s
     index = {id(b): i for i, b in enumerate(container)}
     calls: list[tuple[int, tuple, dict]] = []
     outs: dict[int, Any] = {}
+    snaps: dict[int, torch.Tensor] = {}
     where: dict[str, set[Any]] = {name: set() for name in layers}
     state: dict[str, Any] = {"active": None, "started": False}
     handles = []
@@ -213,7 +214,13 @@ def find_chain(model: nn.Module, layers: Sequence[str], batch: Any) -> Chain | s
         state["active"], state["started"] = i, True
 
     def post(mod, args, kwargs, out):
-        outs.setdefault(index[id(mod)], out)
+        i = index[id(mod)]
+        if i not in outs:
+            outs[i] = out
+            try:  # its values now: the next block must see them unchanged (no in-place edit between)
+                snaps[i] = primary_tensor(out).detach().clone()
+            except TypeError:
+                pass
         state["active"] = None
 
     def layer_hook(name):
@@ -258,6 +265,9 @@ def find_chain(model: nn.Module, layers: Sequence[str], batch: Any) -> Chain | s
             return f"block {blocks[i - 1]!r} returns no tensor"
         if not args or not _same(args[0], prev):
             return f"block {blocks[i]!r} is not called on block {blocks[i - 1]!r}'s output"
+        if not _same(args[0].detach(), snaps[i - 1]):
+            return (f"block {blocks[i - 1]!r}'s output is changed in place before block {blocks[i]!r} "
+                    "runs on it")
         if not (_same(tuple(args[1:]), tuple(first_args[1:])) and _same(kwargs, first_kwargs)):
             return f"block {blocks[i]!r} is called with other arguments than block {blocks[0]!r}"
     inside: dict[str, list[str]] = {b: [] for b in blocks}
@@ -320,10 +330,12 @@ def run_block(block: nn.Module, inputs: Sequence[Call]) -> tuple[list[Call], lis
 
 
 class _Replay(nn.Module):
-    """Stands in for a block: returns the stored output of the last block for the batch being run.
+    """Stands in for block ``index``: returns a copy of that block's stored output for the batch being run.
 
     The first block's replay tells the batch by its input (the prefix's output, compared with
-    the first block's recorded inputs ``keys``), so the batches may be run in any order."""
+    the first block's recorded inputs ``keys``), so the batches may be run in any order.  The
+    output is copied on every call, so a forward that changes it in place cannot change the
+    stored one."""
 
     def __init__(self, keys: Sequence[torch.Tensor], outputs: Sequence[Any], state: dict[str, int],
                  first: bool) -> None:
@@ -341,23 +353,27 @@ class _Replay(nn.Module):
                     break
             else:
                 raise RuntimeError("a replayed block was called on an input that no calibration batch gave")
-        return self._outputs[self._state["batch"]]
+        return map_tensors(self._outputs[self._state["batch"]], torch.clone, keep_types=True)
 
 
 @contextlib.contextmanager
 def replayed(model: nn.Module, chain: Chain, inputs: Sequence[Call], outputs: Sequence[Any],
-             upto: int | None = None) -> Iterator[None]:
-    """The first ``upto`` blocks of ``model`` (all by default) replaced by replays: the first block's
-    call ``inputs[i]`` gives ``outputs[i]`` (block ``upto - 1``'s output on batch ``i``), and the
-    blocks from ``upto`` on run on it."""
+             block_outputs: Sequence[Sequence[Any]] | None = None) -> Iterator[None]:
+    """Blocks of ``model`` replaced by replays, keyed by the first block's calls ``inputs[i]``.
+
+    By default every block, each returning ``outputs[i]`` (the last block's output on batch
+    ``i``: only the prefix and the suffix compute).  With ``block_outputs`` (``[block][batch]``,
+    the first ``len(block_outputs)`` blocks), block ``b`` returns ``block_outputs[b][i]`` and the
+    blocks after them run on the last one's; ``outputs`` is then unused.  Caches are off inside.
+    """
     container = model.get_submodule(chain.container) if chain.container else model
     saved = list(container)
-    upto = len(saved) if upto is None else upto
+    per_block = [outputs] * len(saved) if block_outputs is None else list(block_outputs)
     state = {"batch": -1}
     keys = [c.args[0] for c in inputs]
     try:
-        for i in range(upto):
-            container[i] = _Replay(keys, outputs, state, first=(i == 0))
+        for i, outs in enumerate(per_block):
+            container[i] = _Replay(keys, outs, state, first=(i == 0))
         with _no_cache(model):
             yield
     finally:
@@ -366,14 +382,16 @@ def replayed(model: nn.Module, chain: Chain, inputs: Sequence[Call], outputs: Se
 
 
 def block_replay(model: nn.Module, chain: Chain, example: Any,
-                 mask_key: str = "attention_mask") -> Callable[[nn.Module, str], ContextManager[None]]:
+                 mask_key: str = "attention_mask") -> Callable[[nn.Module, str | None], ContextManager[None]]:
     """``replay(work, layer)``: a context in which ``work`` -- a copy of ``model`` that differs from it
-    in ``layer`` only -- skips the blocks before ``layer``'s own on ``example`` (exact: they replay
-    the dense model's outputs on it, computed once here, on first use).
+    in ``layer`` only -- skips the blocks before ``layer``'s own on ``example`` (they replay the
+    dense model's outputs on it, block by block, computed once here on first use).
 
     For allocators that score one changed layer at a time (:func:`autorank.allocators.output_gains`):
-    a layer in block ``b`` costs blocks ``b ..`` instead of the whole model.  A layer of the
-    prefix runs everything; one of the suffix replays every block.
+    a layer in block ``b`` costs blocks ``b ..`` instead of the whole model, with the same output
+    as a full run.  A layer of the prefix runs everything; one of the suffix replays every block.
+    Caches (``use_cache``) are off inside every such context, ``layer=None`` (the reference run)
+    included, so that every run returns the same structure.
     """
     where = {n: i for i, b in enumerate(chain.blocks) for n in chain.inside[b]}
     where.update({n: len(chain.blocks) for n in chain.after})
@@ -390,12 +408,12 @@ def block_replay(model: nn.Module, chain: Chain, example: Any,
             stored.update(inputs=inputs, outs=outs)
         return stored["inputs"], stored["outs"]
 
-    def replay(work: nn.Module, layer: str) -> ContextManager[None]:
-        b = where.get(layer, 0)
+    def replay(work: nn.Module, layer: str | None) -> ContextManager[None]:
+        b = 0 if layer is None else where.get(layer, 0)
         if b == 0:
-            return contextlib.nullcontext()
+            return _no_cache(work)
         inputs, outs = outputs()
-        return replayed(work, chain, inputs, outs[b - 1], upto=b)
+        return replayed(work, chain, inputs, outs[-1], block_outputs=outs[:b])
 
     return replay
 

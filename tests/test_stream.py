@@ -296,28 +296,42 @@ def _spilled(t: torch.Tensor) -> bool:
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
-def test_spill_to_disk_keeps_values_and_objects_and_leaves_live_and_small_tensors():
+def test_spill_to_disk_keeps_values_and_objects_and_leaves_live_shared_and_small_tensors(tmp_path):
     from autorank.realize import spill_to_disk
 
     torch.manual_seed(0)
     big, small = nn.Linear(256, 128), nn.Linear(4, 4)
-    tied = nn.Linear(256, 128)
-    live = nn.Sequential(nn.Linear(128, 256))
+    tied, shared, sliced = nn.Linear(256, 128), nn.Linear(256, 128), nn.Linear(128, 128)
+    live = nn.Sequential(nn.Linear(128, 256), nn.Linear(256, 128))
     tied.weight = nn.Parameter(live[0].weight.detach().T.contiguous())
     live[0].weight = tied.weight  # a replaced layer's weight that the live model still holds
-    before = {id(t): t.detach().clone() for m in (big, small, tied) for t in m.parameters()}
-    objects = [big.weight, big.bias, small.weight, tied.weight]
-    moved = spill_to_disk([big, small, tied], live=live)
+    shared.weight = nn.Parameter(live[1].weight.data)  # another Parameter object on the same storage
+    flat = torch.randn(2 * 128 * 128)
+    sliced.weight = nn.Parameter(flat[: 128 * 128].view(128, 128))  # a view of a larger (flat) storage
+    modules = (big, small, tied, shared, sliced)
+    before = {id(t): t.detach().clone() for m in modules for t in m.parameters()}
+    objects = [t for m in modules for t in m.parameters()]
+    moved = spill_to_disk(modules, live=live, directory=tmp_path)
     assert moved == big.weight.numel() * 4  # only the big weight: the bias and small are under 64 KiB
-    assert [big.weight, big.bias, small.weight, tied.weight] == objects  # the same Parameter objects
-    assert _spilled(big.weight) and not _spilled(big.bias) and not _spilled(tied.weight)
-    for m in (big, small, tied):
-        for t in m.parameters():
-            assert torch.equal(t, before[id(t)])
-    assert not [p for p in __import__("os").listdir(__import__("tempfile").gettempdir())
-                if p.startswith("autorank-spill-")]  # the file is unlinked once mapped
+    assert [t for m in modules for t in m.parameters()] == objects  # the same Parameter objects
+    assert _spilled(big.weight) and not any(_spilled(t) for t in (big.bias, tied.weight, shared.weight, sliced.weight))
+    assert shared.weight.data_ptr() == live[1].weight.data_ptr()  # still one storage: the tie holds
+    for t in objects:
+        assert torch.equal(t, before[id(t)])
+    assert list(tmp_path.iterdir()) == []  # the file is unlinked once mapped
     big.weight.data.mul_(2)  # a private mapping: writable, and the writes stay in this process
     assert torch.equal(big.weight, 2 * before[id(big.weight)])
+
+
+def test_spill_to_disk_that_cannot_write_warns_and_moves_nothing(tmp_path, caplog):
+    from autorank.realize import spill_to_disk
+
+    lin = nn.Linear(256, 128)
+    ptr = lin.weight.data_ptr()
+    with caplog.at_level("WARNING", logger="autorank.realize"):
+        assert spill_to_disk([lin], directory=tmp_path / "missing") == 0
+    assert lin.weight.data_ptr() == ptr
+    assert "stay in memory" in caplog.text
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
@@ -374,3 +388,61 @@ def test_block_replay_gives_the_full_runs_output_and_skips_the_blocks_before_the
     if chain.before:  # a prefix layer: nothing to skip
         with replay(work, chain.before[0]):
             torch.testing.assert_close(run(work, example), full)
+
+
+class EveryBlock(Stack):
+    """Reads every block's output (as ``output_hidden_states`` does); the head's input is changed in place."""
+
+    def forward(self, x):
+        h = self.inp(x)
+        seen = []
+        for blk in self.blocks:
+            h = blk(h, scale=0.5)
+            seen.append(h)
+        h = h.mul_(0.9)  # in place, on the last block's own output (not idempotent)
+        return self.head(h) + sum(s.mean() for s in seen)
+
+
+class EditedBetween(Stack):
+    """Changes a block's output in place before the next block runs on it: not a chain to replay."""
+
+    def forward(self, x):
+        h = self.inp(x)
+        for blk in self.blocks:
+            h = blk(h, scale=0.5)
+            h.mul_(0.9)
+        return self.head(h)
+
+
+def test_find_chain_refuses_a_block_output_edited_in_place_before_the_next_block():
+    model = EditedBetween()
+    x = vector_batches()[0]
+    why = stream.find_chain(model, list(analyze(model, x).layers), x)
+    assert isinstance(why, str) and "changed in place" in why
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "stack", "every-block"])
+def test_probe_scores_with_block_replay_equal_the_full_runs(name):
+    from autorank.allocators.base import AllocationContext
+    from autorank.allocators.evaluated import DEFAULT_RATIOS, _score_layers, rank_tables
+    from autorank.curves import build_curves
+
+    make, batches_of = CASES.get(name, (EveryBlock, vector_batches))
+    model = make()
+    example = batches_of()[0]
+    graph = analyze(model, example)
+    chain = stream.find_chain(model, list(graph.layers), example)
+    assert isinstance(chain, stream.Chain), chain
+    curves, _ = build_curves(model, graph, progress=False)
+
+    def scores(replay):
+        ctx = AllocationContext(curves=curves, budget=0.5, metric="params", total=graph.total_params, fixed=0,
+                                model=model, example_inputs=example, replay=replay)
+        tables, _ = rank_tables(ctx)
+        return _score_layers(ctx, tables, DEFAULT_RATIOS)
+
+    full = scores(None)
+    replay = stream.block_replay(model, chain, example)
+    assert scores(replay) == full  # every layer (every block, the prefix and the suffix), every rank: exact
+    assert scores(replay) == full  # and again, from the same stored outputs
+    assert len(full) == len(curves) and all(len(rows) >= 2 for rows in full.values())

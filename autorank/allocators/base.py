@@ -46,8 +46,9 @@ class AllocationContext:
               same model (e.g. a sensitivity table); ``optimize`` keeps one per run.
     replay:   ``replay(work, layer)``, a context in which a copy ``work`` of the model that
               differs only in ``layer`` runs on ``example_inputs`` without recomputing the
-              unchanged blocks before that layer (exact; :func:`autorank.stream.block_replay`),
-              or None (run it all).
+              unchanged blocks before that layer (the same output as a full run;
+              :func:`autorank.stream.block_replay`); ``layer=None`` for the unchanged copy's
+              reference run.  None: run it all.
     """
 
     curves: Mapping[str, LayerCurves]

@@ -112,9 +112,11 @@ def _score_layers(ctx: AllocationContext, tables: Mapping[str, RankTable],
                   ratios: Sequence[float]) -> dict[str, list[list[float]]]:
     """``{layer: [[rank, score], ...]}``: one deep copy of the model scored with one layer at a time truncated."""
     work = copy.deepcopy(ctx.dense_model())
-    score = _scorer(ctx, work)
     # the fidelity score runs the example inputs: the blocks before the changed layer can replay
+    # (the reference run too goes through ``replay``, so that both run with the same settings)
     skip = ctx.replay if ctx.evaluate is None and ctx.replay is not None else (lambda m, n: contextlib.nullcontext())
+    with skip(work, None):
+        score = _scorer(ctx, work)
     alds = get_family("alds")
     scores: dict[str, list[list[float]]] = {}
     for name, t in track(tables.items(), "allocator probes", total=len(tables), unit="layer",

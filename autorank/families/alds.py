@@ -219,7 +219,7 @@ def _tall_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int,
     k, nk = groups, n // groups
     rank_max = nk  # = min(f, n/k) for a tall layer
     blocks = [slice(i * nk, (i + 1) * nk) for i in range(k)]
-    total = float((p * m).sum())  # tr(P M) = ||W X||_F^2 / N
+    total = float((p * (0.5 * (m + m.T))).sum())  # tr(P M) = ||W X||_F^2 / N  (M symmetric)
     eig = [tall_whitened_eigen(p[b, b], m[b, b]) for b in blocks]
     spectrum = eig[0][0][:rank_max].sqrt().numpy()
     if total <= 0.0:
