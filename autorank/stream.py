@@ -330,7 +330,7 @@ def run_block(block: nn.Module, inputs: Sequence[Call]) -> tuple[list[Call], lis
 
 
 class _Replay(nn.Module):
-    """Stands in for block ``index``: returns a copy of that block's stored output for the batch being run.
+    """Stands in for one block: returns a copy of its stored output (``outputs[batch]``) for the batch being run.
 
     The first block's replay tells the batch by its input (the prefix's output, compared with
     the first block's recorded inputs ``keys``), so the batches may be run in any order.  The

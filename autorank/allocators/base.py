@@ -63,7 +63,7 @@ class AllocationContext:
     evaluate: Callable[[Any], float] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
     outputs: Mapping[str, Any] | None = None
-    replay: Callable[[Any, str], Any] | None = None
+    replay: Callable[[Any, str | None], Any] | None = None
 
     @property
     def room(self) -> float:
