@@ -13,7 +13,7 @@
 
 Cost, measured in a fresh clone with an empty cache folder (``AUTORANK_CACHE`` pointing at a
 new folder) on the 2-core development machine, mostly idle: 129 s in all, of which 40 s
-trained the CNN (8 epochs) and about 45 s compressed and fine-tuned (two budgets, two
+trained the CNN (8 epochs) and 88 s compressed and fine-tuned (38.5 s for budget 0.3, 49.0 s for 0.1; two
 steps each, 2 epochs per step); a second run skips the training.  Under heavy load (load
 average 20-30) the same first run took 23 min just to train.  Progress shows on a terminal (``-v``
 logs it otherwise).
