@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
@@ -20,8 +22,22 @@ from .progress import show_progress, track
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["show_progress", "progress_bar", "seeded_rng", "single_thread", "parallel_map", "moved_names",
+__all__ = ["user_cache_dir", "CACHE_ENV", "show_progress", "progress_bar", "seeded_rng", "single_thread", "parallel_map", "moved_names",
            "moved_module", "EXTRAS", "missing_extra", "require"]
+
+#: the environment variable that overrides :func:`user_cache_dir`
+CACHE_ENV = "AUTORANK_CACHE"
+
+
+def user_cache_dir() -> Path:
+    """The folder for autorank's caches (trained demo weights, latency tables): ``$AUTORANK_CACHE``,
+    else ``$XDG_CACHE_HOME/autorank``, else ``~/.cache/autorank`` (not created here)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "autorank"
 
 
 @contextlib.contextmanager

@@ -183,7 +183,9 @@ class LatencyConfig:
     clock:         ``"auto"`` (the thread's CPU time on a CPU with ``threads=1``, where it is the
                    latency on an unloaded core; wall-clock time otherwise), ``"wall"`` or ``"cpu"``.
     cache:         a directory for the measured tables (keyed by device, dtype, threads, layer
-                   geometry and input shape), or None for no cache.
+                   geometry and input shape); ``True`` (default): ``latency/`` in the user cache
+                   folder (:func:`autorank._util.user_cache_dir`, ``$AUTORANK_CACHE`` overrides
+                   it), so runs from any working directory share it; None: no cache.
     """
 
     threads: int = 1
@@ -194,7 +196,7 @@ class LatencyConfig:
     grid_linear: int = 8
     final_repeats: int = 20
     clock: str = "auto"
-    cache: Any = ".cache/autorank/latency"
+    cache: Any = True
 
     def __post_init__(self) -> None:
         check_count("LatencyConfig.threads", self.threads)
@@ -209,9 +211,9 @@ class LatencyConfig:
         if isinstance(self.grid_ratio, bool) or not isinstance(self.grid_ratio, (int, float)) \
                 or not 1 < self.grid_ratio < math.inf:
             raise ValueError(f"LatencyConfig.grid_ratio must be a number > 1, got {self.grid_ratio!r}")
-        if self.cache is not None:
+        if self.cache is not None and self.cache is not True:
             if not isinstance(self.cache, (str, os.PathLike)):
-                raise TypeError(f"LatencyConfig.cache must be a directory path or None, got {self.cache!r}")
+                raise TypeError(f"LatencyConfig.cache must be a directory path, True or None, got {self.cache!r}")
             object.__setattr__(self, "cache", os.fspath(self.cache))
 
     def to_dict(self) -> dict[str, Any]:

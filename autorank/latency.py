@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._util import user_cache_dir
 from .graph import replace_module
 from .nested import run_model
 from .plan import Plan
@@ -370,14 +371,17 @@ def step_up(grid_ranks: np.ndarray, grid_times: np.ndarray, ranks: np.ndarray) -
 
 
 class LatencyCache:
-    """Measured candidate times on disk: one JSON file per layer key under ``directory`` (None: no cache).
+    """Measured candidate times on disk: one JSON file per layer key under ``directory``
+    (``True``: ``latency/`` in :func:`autorank._util.user_cache_dir`; None: no cache).
 
     ``ValueError`` when the directory cannot be created or written.
     """
 
-    def __init__(self, directory: str | os.PathLike | None) -> None:
+    def __init__(self, directory: str | os.PathLike | bool | None) -> None:
+        if directory is True:  # the user cache folder's latency/ (LatencyConfig's default)
+            directory = user_cache_dir() / "latency"
         if directory is not None and not isinstance(directory, (str, os.PathLike)):
-            raise TypeError(f"latency cache must be a directory path or None, got {directory!r}")
+            raise TypeError(f"latency cache must be a directory path, True or None, got {directory!r}")
         self.directory = None if directory is None else Path(directory)
         if self.directory is not None:
             try:

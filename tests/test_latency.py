@@ -269,3 +269,11 @@ def test_cuda_timing_is_synchronised(tmp_path):
     assert out["median_s"] > 0
     result = autorank.optimize(model, 0.6, x, metric="latency", compression=Compression(latency=fast_latency(tmp_path)))
     assert result.plan.totals["latency"] > 0
+
+
+def test_the_default_latency_cache_is_in_the_user_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORANK_CACHE", str(tmp_path / "mine"))
+    assert LatencyConfig().cache is True
+    cache = lat.LatencyCache(LatencyConfig().cache)
+    assert cache.directory == tmp_path / "mine" / "latency" and cache.directory.is_dir()
+    assert lat.LatencyCache(None).directory is None

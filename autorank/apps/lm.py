@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._util import user_cache_dir
 from ..nested import to_device
 from ..validate import check_count
 from .text import package_docstrings, prose_paragraphs
@@ -299,7 +300,7 @@ def train_doc_llama(cache_dir: str | os.PathLike | None | bool = True, steps: in
     random training windows, peak ``lr`` after 5 % linear warm-up then cosine to 10 %, gradients
     clipped to norm 1, seeded by ``seed``.  The loss and the held-out perplexity are logged and kept
     in ``log``.  The weights, the tokenizer and the log are cached in ``cache_dir`` (``True``: the
-    user cache folder, :func:`autorank.apps.zoo.user_cache_dir`, ``$AUTORANK_CACHE`` to override it)
+    user cache folder, :func:`autorank._util.user_cache_dir`, ``$AUTORANK_CACHE`` to override it)
     under a name that encodes the recipe, so a later call loads them; ``force`` retrains,
     ``cache_dir=None`` (or ``False``) never caches.  Returns the model on CPU in eval mode.
     """
@@ -311,8 +312,6 @@ def train_doc_llama(cache_dir: str | os.PathLike | None | bool = True, steps: in
         check_count(name, v)
     check_count("seed", seed, low=0)
     stem = f"doc_llama-v{_DOC_LLAMA_VERSION}-V{vocab_size}-n{steps}-b{batch_size}-lr{lr:g}-s{seed}"
-    from .zoo import user_cache_dir
-
     folder = user_cache_dir() if cache_dir is True else None if cache_dir in (None, False) else Path(cache_dir)
     if folder is not None and (folder / f"{stem}.safetensors").is_file() and not force:
         tok = Tokenizer.from_file(str(folder / f"{stem}.tokenizer.json"))

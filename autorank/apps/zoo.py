@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from autorank._util import require
+from autorank._util import CACHE_ENV, require, user_cache_dir
 from autorank.finetune import Finetune, module_device
 from autorank.validate import check_count
 
@@ -47,18 +47,6 @@ _MNIST_CNN_VERSION = 1
 _MNIST_CNN_LR = 1e-3
 _MNIST_CNN_BATCH = 64
 
-CACHE_ENV = "AUTORANK_CACHE"
-
-
-def user_cache_dir() -> Path:
-    """The folder for autorank's cached weights: ``$AUTORANK_CACHE``, else ``$XDG_CACHE_HOME/autorank``,
-    else ``~/.cache/autorank`` (not created here)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "autorank"
 
 
 def load_mnist(
