@@ -570,9 +570,11 @@ def stream_build(
 
     chain, batches, key = streamed.chain, streamed.batches, streamed.mask_key
     outputs = outputs or {}
-    g_of = {n: m.matrix for n, m in outputs.items()}
     kinds = {n: info.kind for n, info in graph.layers.items()}
     outer = _attach(streamed.outer, outputs)
+    # the very tensors the curves and the allocator used (``Moments.output_matrix``), where the
+    # moments were kept: their square roots (an f x f eigh each) are then cached, not recomputed
+    g_of = {n: outer[n].output_matrix if n in outer else m.matrix for n, m in outputs.items()}
     done: list[str] = []
 
     def originals(names: Sequence[str]) -> dict[str, nn.Module]:
