@@ -185,7 +185,7 @@ class LatencyConfig:
     cache:         a directory for the measured tables (keyed by device, dtype, threads, layer
                    geometry and input shape); ``True`` (default): ``latency/`` in the user cache
                    folder (:func:`autorank._util.user_cache_dir`, ``$AUTORANK_CACHE`` overrides
-                   it), so runs from any working directory share it; None: no cache.
+                   it), so runs from any working directory share it; None (or False): no cache.
     """
 
     threads: int = 1
@@ -211,6 +211,8 @@ class LatencyConfig:
         if isinstance(self.grid_ratio, bool) or not isinstance(self.grid_ratio, (int, float)) \
                 or not 1 < self.grid_ratio < math.inf:
             raise ValueError(f"LatencyConfig.grid_ratio must be a number > 1, got {self.grid_ratio!r}")
+        if self.cache is False:  # as the other cache switches (TOML has no None)
+            object.__setattr__(self, "cache", None)
         if self.cache is not None and self.cache is not True:
             if not isinstance(self.cache, (str, os.PathLike)):
                 raise TypeError(f"LatencyConfig.cache must be a directory path, True or None, got {self.cache!r}")

@@ -380,6 +380,8 @@ class LatencyCache:
     def __init__(self, directory: str | os.PathLike | bool | None) -> None:
         if directory is True:  # the user cache folder's latency/ (LatencyConfig's default)
             directory = user_cache_dir() / "latency"
+        elif directory is False:
+            directory = None
         if directory is not None and not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"latency cache must be a directory path, True or None, got {directory!r}")
         self.directory = None if directory is None else Path(directory)

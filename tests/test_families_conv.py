@@ -545,3 +545,21 @@ def test_the_plan_reports_the_error_of_what_is_built(family):
         assert lp.error == pytest.approx(relative_spectral_error(weight_matrix(dense), weight_matrix(built)),
                                          abs=1e-6), lp.name
     assert res.plan.max_error == pytest.approx(max(lp.error for lp in res.plan.layers.values()))
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 3, 3), (64, 8, 3, 3), (16, 16, 3, 3)], ids=["tall", "wide", "square"])
+def test_spatial_svd_of_a_rank_deficient_kernel_is_exact_past_its_rank(shape):
+    from autorank.families.spatial import spatial_matrix, spatial_svd, spatial_svd_errors, spatial_svd_weight
+
+    f, c, kh, kw = shape
+    g = torch.Generator().manual_seed(0)
+    rank = 3
+    w = spatial_svd_weight(torch.randn(rank, c, kh, 1, generator=g, dtype=torch.float64),
+                           torch.randn(f, rank, 1, kw, generator=g, dtype=torch.float64))
+    u, s, vh = spatial_svd(w)
+    ref = torch.linalg.svdvals(spatial_matrix(w))
+    assert int((s > 0).sum()) == rank  # the null directions are cut, not left at a ~1e-8 noise floor
+    torch.testing.assert_close(s[:rank], ref[:rank], rtol=1e-12, atol=0)
+    assert float(((u * s) @ vh - spatial_matrix(w)).norm() / spatial_matrix(w).norm()) < 1e-13
+    errors = spatial_svd_errors(w, [1, rank, rank + 1])
+    assert errors[0] > 0.01 and errors[1] < 1e-12 and errors[2] < 1e-12

@@ -276,4 +276,5 @@ def test_the_default_latency_cache_is_in_the_user_cache_folder(tmp_path, monkeyp
     assert LatencyConfig().cache is True
     cache = lat.LatencyCache(LatencyConfig().cache)
     assert cache.directory == tmp_path / "mine" / "latency" and cache.directory.is_dir()
-    assert lat.LatencyCache(None).directory is None
+    assert lat.LatencyCache(None).directory is None and lat.LatencyCache(False).directory is None
+    assert LatencyConfig(cache=False).cache is None
