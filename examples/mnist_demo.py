@@ -12,9 +12,10 @@
    compression -> after fine-tuning, time) and writes outputs/mnist_demo.png.
 
 Cost, measured in a fresh clone with an empty cache folder (``AUTORANK_CACHE`` pointing at a
-new folder) on the 2-core development machine, mostly idle: 129 s in all, of which 40 s
-trained the CNN (8 epochs) and 88 s compressed and fine-tuned (38.5 s for budget 0.3, 49.0 s for 0.1; two
-steps each, 2 epochs per step); a second run skips the training.  Under heavy load (load
+new folder) on the 2-core development machine: 44 s in all when idle, of which 20 s trained
+the CNN (8 epochs) and 23 s compressed and fine-tuned (two budgets, two steps each, 2 epochs
+per step); 129 s (40 s of training) while a test run shared the cores.  A second run skips
+the training.  Under heavy load (load
 average 20-30) the same first run took 23 min just to train.  Progress shows on a terminal (``-v``
 logs it otherwise).
 """
