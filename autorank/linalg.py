@@ -96,6 +96,7 @@ __all__ = [
     "rows_matmul",
     "tall_whitened_eigen",
     "is_tall",
+    "check_blocks",
     "grouped_low_rank_factors",
     "output_roots",
     "output_weighted",
@@ -315,20 +316,25 @@ def output_weighted(weight: torch.Tensor, output: torch.Tensor | None,
     return root @ weight.detach().to(torch.float64), inv
 
 
-def moment_blocks(weight: torch.Tensor, moment: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W_1 .. W_k, M)``: :func:`split_columns` of ``W`` and the moment in float64, their shapes checked.
-
-    A diagonal moment ``(n,)`` (an embedding's one-hot inputs) allows ``groups = 1`` only.
-    """
-    f, n = weight.shape
+def check_blocks(weight: torch.Tensor, moment: torch.Tensor, groups: int) -> None:
+    """``ValueError`` unless ``groups`` divides the columns of ``W`` and ``moment`` is ``n x n``, or a
+    diagonal ``(n,)`` (an embedding's one-hot inputs, ``groups = 1`` only)."""
+    n = weight.shape[1]
     if n % groups:
         raise ValueError(f"groups={groups} does not divide the {n} input columns")
     if moment.dim() == 1 and moment.shape[0] == n:
         if groups != 1:
             raise ValueError("a diagonal moment (embedding) supports groups=1 only")
-        return weight.detach().to(torch.float64).unsqueeze(0), moment.to(torch.float64)
-    if moment.shape != (n, n):
+    elif moment.shape != (n, n):
         raise ValueError(f"moment of shape {tuple(moment.shape)} does not match a weight with {n} columns")
+
+
+def moment_blocks(weight: torch.Tensor, moment: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_1 .. W_k, M)``: :func:`split_columns` of ``W`` and the moment in float64, their shapes checked
+    (:func:`check_blocks`)."""
+    check_blocks(weight, moment, groups)
+    if moment.dim() == 1:
+        return weight.detach().to(torch.float64).unsqueeze(0), moment.to(torch.float64)
     return split_columns(weight, groups), moment.to(torch.float64)
 
 
@@ -430,12 +436,9 @@ def _balance(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def _tall_whitened_factors(weight: torch.Tensor, moment: torch.Tensor, groups: int,
                            rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`whitened_factors` of a tall ``W`` from ``P = W^T W`` (module docstring): ``B_i = W_i T_i``, ``A_i = T_i^T P_ii``."""
+    check_blocks(weight, moment, groups)
     f, n = weight.shape
-    if moment.shape != (n, n):
-        raise ValueError(f"moment of shape {tuple(moment.shape)} does not match a weight with {n} columns")
     nk = n // groups
-    if n % groups:
-        raise ValueError(f"groups={groups} does not divide the {n} input columns")
     if not 1 <= rank <= min(f, nk):
         raise ValueError(f"rank must be in [1, {min(f, nk)}] for a {f}x{nk} block, got {rank}")
     p, m = column_gram(weight), moment.to(torch.float64)

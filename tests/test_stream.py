@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import weakref
 
 import pytest
@@ -283,6 +284,9 @@ def test_a_layer_that_stops_reading_the_shared_tensor_gets_its_own_exact_moment(
 
 # ---- the dense layers a rollback holds live in a mapped file, not in memory -------------------------
 
+NEEDS_MAPS = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+
+
 def _spilled(t: torch.Tensor) -> bool:
     """Whether ``t``'s storage lies in a mapping of an (unlinked) autorank spill file."""
     ptr = t.untyped_storage().data_ptr()
@@ -295,7 +299,7 @@ def _spilled(t: torch.Tensor) -> bool:
     return False
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+@NEEDS_MAPS
 def test_spill_to_disk_keeps_values_and_objects_and_leaves_live_shared_and_small_tensors(tmp_path):
     from autorank.realize import spill_to_disk
 
@@ -334,7 +338,7 @@ def test_spill_to_disk_that_cannot_write_warns_and_moves_nothing(tmp_path, caplo
     assert "stay in memory" in caplog.text
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+@NEEDS_MAPS
 def test_a_heavy_inplace_stream_spills_the_replaced_layers_and_a_failure_still_restores_them(monkeypatch):
     import importlib
 

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from ..config import CurveConfig
 from ..graph import LayerInfo
 from ..layers import LINEAR_KINDS, get_layer_handler
-from ..linalg import (OUTPUT_DAMPING, block_eigen, column_gram, grouped_low_rank_factors, is_tall, moment_blocks,
+from ..linalg import (OUTPUT_DAMPING, block_eigen, check_blocks, column_gram, grouped_low_rank_factors, is_tall, moment_blocks,
                       output_roots, output_weighted, singular_values, split_columns, tall_whitened_eigen,
                       whitened_factors)
 from ..measures import check_hyper
@@ -209,11 +209,8 @@ def _error_from_cross(lam0: torch.Tensor, k: int, nk: int, rank_max: int, total:
 def _tall_error_curve(weight: torch.Tensor, moment: torch.Tensor, groups: int,
                       gram: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`whitened_error_curve` of a tall layer from ``P = W^T W`` (``U_i = W_i T_i``, :mod:`autorank.linalg`)."""
+    check_blocks(weight, moment, groups)
     f, n = weight.shape
-    if moment.shape != (n, n):
-        raise ValueError(f"moment of shape {tuple(moment.shape)} does not match a weight with {n} columns")
-    if n % groups:
-        raise ValueError(f"groups={groups} does not divide the {n} input columns")
     p = column_gram(weight) if gram is None else gram
     m = moment.to(torch.float64)
     k, nk = groups, n // groups
