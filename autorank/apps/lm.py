@@ -40,7 +40,7 @@ from .text import package_docstrings, prose_paragraphs
 
 __all__ = [
     "DOC_PACKAGES", "module_corpus", "split_by_module", "train_bpe", "token_stream", "windows",
-    "lm_batches", "lm_logits", "token_nll", "perplexity", "DocLlama", "doc_llama_config", "train_doc_llama",
+    "lm_batches", "lm_logits", "token_nll", "perplexity", "DocLlama", "DOC_LLAMA_SIZES", "DOC_LLAMA_RECIPES", "doc_llama_config", "train_doc_llama",
 ]
 
 logger = logging.getLogger(__name__)
@@ -272,12 +272,24 @@ _DOC_LLAMA_VERSION = 1
 DOC_LLAMA_WINDOW = 128
 
 
-def doc_llama_config(vocab_size: int) -> Any:
-    """The ``LlamaConfig``: 4 layers, width 128, 4 heads of 32 with 2 key/value heads (GQA), MLP 384, untied head."""
+# The shapes of :func:`doc_llama_config`: width, MLP width, blocks, heads, key/value heads (GQA).
+DOC_LLAMA_SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    "tiny": (128, 384, 4, 4, 2),     # 1.31 M parameters with the default vocabulary; trains in about a minute
+    "small": (512, 1536, 6, 8, 4),   # 21.0 M parameters (18.9 M in the 42 block Linears); tens of minutes
+}
+# The training recipe of each size when train_doc_llama is not told: (steps, batch_size, peak lr).
+DOC_LLAMA_RECIPES: dict[str, tuple[int, int, float]] = {"tiny": (600, 8, 2e-3), "small": (1000, 16, 1e-3)}
+
+
+def doc_llama_config(vocab_size: int, size: str = "tiny") -> Any:
+    """The ``LlamaConfig`` of ``size`` (:data:`DOC_LLAMA_SIZES`): heads of 32 (tiny) or 64 (small), half as many key/value heads (GQA), untied head."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2 * DOC_LLAMA_WINDOW,
+    if size not in DOC_LLAMA_SIZES:
+        raise ValueError(f"size={size!r} is not one of {sorted(DOC_LLAMA_SIZES)}")
+    hidden, inter, layers, heads, kv = DOC_LLAMA_SIZES[size]
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2 * DOC_LLAMA_WINDOW,
                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=1)
 
 
@@ -289,15 +301,16 @@ def _doc_data(vocab_size: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
     return tok, train, held
 
 
-def train_doc_llama(cache_dir: str | os.PathLike | None | bool = True, steps: int = 600,
-                    batch_size: int = 8, lr: float = 2e-3, seed: int = 0, vocab_size: int = 2048,
-                    force: bool = False) -> DocLlama:
-    """A ``LlamaForCausalLM`` (:func:`doc_llama_config`, 1.31 M parameters with the default vocabulary) trained on :data:`DOC_PACKAGES` docs.
+def train_doc_llama(cache_dir: str | os.PathLike | None | bool = True, steps: int | None = None,
+                    batch_size: int | None = None, lr: float | None = None, seed: int = 0, vocab_size: int = 2048,
+                    force: bool = False, size: str = "tiny") -> DocLlama:
+    """A ``LlamaForCausalLM`` (:func:`doc_llama_config` of ``size``: "tiny", 1.31 M parameters, or "small", 21.0 M) trained on :data:`DOC_PACKAGES` docs.
 
     Text: :func:`module_corpus` split by :func:`split_by_module` (about 10 % of the source modules
     held out); a byte-level BPE of ``vocab_size`` trained on the training side; windows of 128
     tokens.  Training: ``steps`` AdamW steps (betas 0.9/0.95, weight decay 0.1) of ``batch_size``
-    random training windows, peak ``lr`` after 5 % linear warm-up then cosine to 10 %, gradients
+    random training windows (unset: :data:`DOC_LLAMA_RECIPES` of ``size``; tiny: 600 steps of 8 at
+    2e-3, small: 1000 steps of 16 at 1e-3), peak ``lr`` after 5 % linear warm-up then cosine to 10 %, gradients
     clipped to norm 1, seeded by ``seed``.  The loss and the held-out perplexity are logged and kept
     in ``log``.  The weights, the tokenizer and the log are cached in ``cache_dir`` (``True``: the
     user cache folder, :func:`autorank._util.user_cache_dir`, ``$AUTORANK_CACHE`` to override it)
@@ -308,25 +321,33 @@ def train_doc_llama(cache_dir: str | os.PathLike | None | bool = True, steps: in
     from tokenizers import Tokenizer
     from transformers import LlamaForCausalLM
 
+    doc_llama_config(vocab_size, size)  # names a bad size before any work
+    default = DOC_LLAMA_RECIPES[size]
+    steps = default[0] if steps is None else steps
+    batch_size = default[1] if batch_size is None else batch_size
+    lr = default[2] if lr is None else lr
     for name, v in (("steps", steps), ("batch_size", batch_size), ("vocab_size", vocab_size)):
         check_count(name, v)
     check_count("seed", seed, low=0)
-    stem = f"doc_llama-v{_DOC_LLAMA_VERSION}-V{vocab_size}-n{steps}-b{batch_size}-lr{lr:g}-s{seed}"
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r} must be a positive finite number")
+    shape = "" if size == "tiny" else f"-{size}"
+    stem = f"doc_llama-v{_DOC_LLAMA_VERSION}{shape}-V{vocab_size}-n{steps}-b{batch_size}-lr{lr:g}-s{seed}"
     folder = user_cache_dir() if cache_dir is True else None if cache_dir in (None, False) else Path(cache_dir)
     if folder is not None and (folder / f"{stem}.safetensors").is_file() and not force:
         tok = Tokenizer.from_file(str(folder / f"{stem}.tokenizer.json"))
         _, train, held = _doc_data_with(tok)
-        model = LlamaForCausalLM(doc_llama_config(tok.get_vocab_size()))
+        model = LlamaForCausalLM(doc_llama_config(tok.get_vocab_size(), size))
         model.load_state_dict(load_file(str(folder / f"{stem}.safetensors")))
         log = tuple(json.loads((folder / f"{stem}.log.json").read_text()))
         logger.info("loaded cached doc-Llama from %s", folder / f"{stem}.safetensors")
         return DocLlama(model.eval(), tok, train, held, log)
 
-    logger.warning("training the doc-Llama (%d steps of %d windows; minutes on 2 CPU cores)%s", steps, batch_size,
+    logger.warning("training the %s doc-Llama (%d steps of %d windows; minutes on 2 CPU cores)%s", size, steps, batch_size,
                    f"; it will be cached in {folder}" if folder is not None else " (no cache: cache_dir=None)")
     tok, train, held = _doc_data(vocab_size)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(doc_llama_config(tok.get_vocab_size()))
+    model = LlamaForCausalLM(doc_llama_config(tok.get_vocab_size(), size))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],

@@ -8,22 +8,25 @@ The fit is ill-posed (the best rank-``R`` approximation need not exist, and ALS 
 a local optimum), so the error reported for a candidate is *measured* on the kernel
 of the layer that is built (:func:`autorank.measures.relative_errors`).
 
-**Fit** (:func:`cp_factors`), in float64 with tensorly's ``parafac`` (ALS):
+**Fit** (:func:`cp_factors`), in float64 by alternating least squares (:func:`cp_als`):
 
 1. compress the two channel modes to ``min(f, R)`` and ``min(c, R)`` by their leading
    singular vectors (HOSVD, as in CANDELINC / Tensorlab): any rank-``R`` CP lies in a
    subspace of that size, and this makes each ALS sweep cost ``O(R^4 kh kw)`` instead
    of ``O(R f c kh kw)``;
-2. ``parafac`` on the compressed core with tensorly's ``"svd"`` initialisation
-   (computed here: leading left singular vectors of each unfolding, the first scaled by
-   the singular values, missing columns uniform from ``RandomState(seed)``), a fixed
-   ``random_state``, ``n_iter_max`` sweeps and stopping tolerance ``tol``;
+2. ALS on the compressed core from tensorly's ``"svd"`` initialisation (computed here:
+   leading left singular vectors of each unfolding, the first scaled by the singular
+   values, missing columns uniform from ``RandomState(seed)``), at most ``n_iter_max``
+   sweeps, stopping when the relative error changes by less than ``tol``;
 3. expand the channel factors back and balance the four factors' column norms.
 
 The number of sweeps actually run is part of the hyperparameters (``iters``), and the
 layer is rebuilt with exactly that many sweeps and no tolerance, so realising a
-candidate reproduces the fitted factors bit for bit.  tensorly's global backend is
-never changed (the numpy backend is set for the calling thread only, if needed).
+candidate reproduces the fitted factors bit for bit.  The iteration is tensorly's
+``parafac`` (``solver="tensorly"`` runs that instead, and the tests check that the two
+agree), in torch: on these small cores tensorly's backend dispatch cost ten times the
+arithmetic.  With tensorly, its global backend is never changed (the numpy backend is
+set for the calling thread only, if needed).
 
 **Layer.**  A 1x1 conv ``c -> R`` (``K_c^T``, no bias), a depthwise ``kh x 1`` conv
 (``K_y``, ``groups=R``) with the vertical stride, padding and dilation, a depthwise
@@ -42,18 +45,20 @@ ranks whose fit fails or is not finite are left out (logged at debug level).
 Options (``CurveConfig(options={"cp": {...}})``):
 
 * ``max_rank`` (int, default 48): the largest rank tried.  One ALS sweep costs
-  ``O(R^4 kh kw)`` plus tensorly's overhead: on a 512x512x3x3 layer (one core, busy
-  machine) a 100-sweep fit takes ~0.2 s at rank 16, ~0.4 s at 32, ~1 s at 45,
-  1.5-4 s at 64 and ~15 s at 128.
+  ``O(R^4 kh kw)``: on a 512x512x3x3 layer (one thread, a busy machine) a 100-sweep fit
+  at rank 48 takes 0.10-0.17 s (tensorly's ``parafac``: 1.3-2.2 s).
 * ``n_iter_max`` (int, default 100): most ALS sweeps per rank.
 * ``tol`` (float, default 1e-7): stop when the relative reconstruction error of the
   core changes by less (0 disables).
+* ``solver`` (str, default ``"als"``): :func:`cp_als`, or ``"tensorly"`` for tensorly's
+  ``parafac`` (the ``decomp`` extra), the same iteration at many times the cost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -70,7 +75,7 @@ from .base import CandidateColumns, Family, family_options, register_family
 from .conv import (Conv2dGeometry, as_pair, call_flops, dense_conv, leading_left, require_geometry,
                    supports_multi_tap_conv, top_eigen, unfold_in, unfold_out)
 
-__all__ = ["CPFactors", "cp_rank_limit", "cp_factors", "cp_chain", "cp_errors", "cp_weight", "cp_cost", "CPConv",
+__all__ = ["CPFactors", "cp_rank_limit", "cp_als", "cp_factors", "cp_chain", "cp_errors", "cp_weight", "cp_cost", "CPConv",
            "CP"]
 
 log = logging.getLogger(__name__)
@@ -78,7 +83,8 @@ log = logging.getLogger(__name__)
 NAME = "cp"
 # warm_iters > 0 (a warm-started chain across ranks) is faster, but measured worse than cold fits at the
 # largest ranks of a 12x10x3x3 kernel (0.808 against 0.741 at rank 12, tests/test_families_conv.py): opt-in
-DEFAULTS: dict[str, Any] = {"max_rank": 48, "n_iter_max": 100, "tol": 1e-7, "warm_iters": 0}
+DEFAULTS: dict[str, Any] = {"max_rank": 48, "n_iter_max": 100, "tol": 1e-7, "warm_iters": 0, "solver": "als"}
+SOLVERS = ("als", "tensorly")
 SEED = 0  # random_state of every fit (only the initial columns beyond a mode's size are random)
 
 
@@ -111,7 +117,7 @@ def cp_rank_limit(shape: Sequence[int]) -> int:
 @contextlib.contextmanager
 def _numpy_backend() -> Iterator[None]:
     """tensorly's numpy backend for this thread only; the global (and other threads') backend is untouched."""
-    tl = require("tensorly", f'families=["{NAME}"]')
+    tl = require("tensorly", f'CurveConfig(options={{"{NAME}": {{"solver": "tensorly"}}}})')
 
     old = tl.get_backend()
     if old == "numpy":
@@ -139,22 +145,69 @@ def _svd_init(core: np.ndarray, rank: int, seed: int) -> list[np.ndarray]:
     return factors
 
 
+def cp_als(tensor: torch.Tensor, factors: Sequence[torch.Tensor], n_iter_max: int,
+           tol: float) -> tuple[list[torch.Tensor], list[float]]:
+    r"""Alternating least squares for a CP model of ``tensor`` from ``factors``: ``(factors, errors)``, float64.
+
+    One sweep updates every mode ``n`` in turn by the normal equations of its least-squares problem,
+
+        F_n <- M_n V_n^{-1},   V_n = *_{j != n} F_j^T F_j  (Hadamard product, R x R),
+        M_n = T_(n) (F_1 (.) ... (.) F_N, without F_n)    (the MTTKRP, I_n x R; (.) the Khatri-Rao product),
+
+    then records the relative error ``||T - T_hat||_F / ||T||_F`` from the last mode's MTTKRP,
+    ``||T - T_hat||^2 = ||T||^2 - 2 <M_N, F_N> + 1^T (V_N * F_N^T F_N) 1``, with no tensor rebuilt.
+    It stops after ``n_iter_max`` sweeps, or once two consecutive errors differ by less than ``tol``
+    (``0``: never); ``len(errors)`` is the number of sweeps run.  The same iteration, start and
+    stopping rule as tensorly's ``parafac`` (``normalize_factors=False``, no line search; the
+    tests check the two agree), written out in torch: tensorly's backend dispatch costs more than
+    the arithmetic on the small compressed cores of a conv kernel, and torch ops keep to the one
+    thread that :func:`autorank._util.parallel_map` gives each worker (numpy's BLAS threads do not,
+    and slow down many times over beside another busy process).
+    """
+    t = torch.as_tensor(tensor, dtype=torch.float64)
+    f = [torch.as_tensor(a, dtype=torch.float64).clone() for a in factors]
+    order, rank = t.dim(), f[0].shape[1]
+    unfolded = [t.movedim(n, 0).reshape(t.shape[n], -1) for n in range(order)]  # T_(n), other modes in order
+    norm2 = float((t * t).sum())
+    norm = math.sqrt(norm2)
+    grams = [a.T @ a for a in f]
+    errors: list[float] = []
+    v = m = grams[0]
+    for it in range(n_iter_max):
+        for n in range(order):
+            v = torch.ones(rank, rank, dtype=t.dtype)
+            kr = torch.ones(1, rank, dtype=t.dtype)
+            for j in range(order):
+                if j != n:  # the Khatri-Rao product, rows in the order of T_(n)'s columns
+                    v = v * grams[j]
+                    kr = (kr[:, None, :] * f[j][None, :, :]).reshape(-1, rank)
+            m = unfolded[n] @ kr
+            f[n] = torch.linalg.solve(v, m.T).T
+            grams[n] = f[n].T @ f[n]
+        inner = float((m * f[-1]).sum())
+        model2 = float((v * grams[-1]).sum())
+        errors.append(math.sqrt(abs(norm2 - 2 * inner + model2)) / norm if norm > 0 else 0.0)
+        if tol and it >= 1 and abs(errors[-2] - errors[-1]) < tol:
+            break
+    return f, errors
+
+
 @torch.no_grad()
 def cp_factors(weight: torch.Tensor, rank: int, n_iter_max: int = 100, tol: float = 1e-7,
                seed: int = SEED, bases: tuple[torch.Tensor, torch.Tensor] | None = None,
-               warm: CPFactors | None = None) -> CPFactors:
+               warm: CPFactors | None = None, solver: str = "als") -> CPFactors:
     """Rank-``rank`` CP factors of a conv kernel ``weight`` (``f x c x kh x kw``), see the module docstring.
 
     ``bases``: the full :func:`autorank.families.conv.leading_left` bases of the output- and
     input-channel unfoldings (shared by every rank of a layer).  ``warm``: a fit of a lower
     rank of the same kernel to start from (its components, zero-padded to the larger
     compressed bases, which are nested, then the ``svd`` initialisation's columns beyond its
-    rank).  Raises ValueError for a bad rank and FloatingPointError when the fit is not finite.
+    rank).  ``solver``: ``"als"`` (:func:`cp_als`) or ``"tensorly"`` (its ``parafac``, the same
+    iteration; needs the ``decomp`` extra).  Raises ValueError for a bad rank or solver and
+    FloatingPointError when the fit is not finite.
     """
-    require("tensorly", f'families=["{NAME}"]')
-    from tensorly.cp_tensor import CPTensor
-    from tensorly.decomposition import parafac
-
+    if solver not in SOLVERS:
+        raise ValueError(f"{NAME}: solver={solver!r} is not one of {SOLVERS}")
     f, c, kh, kw = weight.shape
     top = cp_rank_limit(weight.shape)
     if not 1 <= rank <= top:
@@ -164,16 +217,25 @@ def cp_factors(weight: torch.Tensor, rank: int, n_iter_max: int = 100, tol: floa
         bases = (leading_left(unfold_out(w)), leading_left(unfold_in(w)))
     u_out, u_in = bases[0][:, :min(f, rank)], bases[1][:, :min(c, rank)]
     core = torch.einsum("fcyx,fa,cb->abyx", w, u_out, u_in).cpu().numpy()
-    with _numpy_backend(), np.errstate(all="ignore"):
+    with np.errstate(all="ignore"):
         start = _svd_init(core, rank, seed)
         if warm is not None and warm.compressed is not None and warm.rank < rank:
             start = [np.concatenate([np.pad(p, ((0, a.shape[0] - p.shape[0]), (0, 0))), a[:, p.shape[1]:]], axis=1)
                      for p, a in zip(warm.compressed, start)]
-        init = CPTensor((np.ones(rank), start))
-        (weights, factors), errors = parafac(core, rank, n_iter_max=n_iter_max, init=init, tol=tol,
-                                             random_state=seed, return_errors=True)
-    factors = [np.asarray(a, dtype=np.float64) for a in factors]
-    factors[0] = factors[0] * np.asarray(weights, dtype=np.float64)[None, :]
+        if solver == "als":
+            fitted, errors = cp_als(torch.from_numpy(core), [torch.from_numpy(a) for a in start], n_iter_max, tol)
+            factors = [a.numpy() for a in fitted]
+        else:
+            require("tensorly", f'CurveConfig(options={{"{NAME}": {{"solver": "tensorly"}}}})')
+            from tensorly.cp_tensor import CPTensor
+            from tensorly.decomposition import parafac
+
+            with _numpy_backend():
+                (weights, factors), errors = parafac(core, rank, n_iter_max=n_iter_max,
+                                                     init=CPTensor((np.ones(rank), start)), tol=tol,
+                                                     random_state=seed, return_errors=True)
+            factors = [np.asarray(a, dtype=np.float64) for a in factors]
+            factors[0] = factors[0] * np.asarray(weights, dtype=np.float64)[None, :]
     if not all(np.all(np.isfinite(a)) for a in factors):
         raise FloatingPointError(f"{NAME}: the rank-{rank} ALS fit is not finite")
     compressed = tuple(a.copy() for a in factors)
@@ -190,7 +252,7 @@ def cp_factors(weight: torch.Tensor, rank: int, n_iter_max: int = 100, tol: floa
 
 
 def cp_chain(weight: torch.Tensor, ranks: Sequence[int], first_iters: int, tol: float, warm_iters: int,
-             bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[CPFactors | None]:
+             bases: tuple[torch.Tensor, torch.Tensor] | None = None, solver: str = "als") -> list[CPFactors | None]:
     """Warm-started fits at ascending ``ranks``; ``None`` where a fit failed (then the next starts from the last good one).
 
     The first rank is fitted cold (at most ``first_iters`` sweeps, stopping at ``tol``), each
@@ -205,10 +267,10 @@ def cp_chain(weight: torch.Tensor, ranks: Sequence[int], first_iters: int, tol: 
     for i, r in enumerate(ranks):
         try:
             if prev is None:
-                fac = cp_factors(w, int(r), first_iters, tol if i == 0 else 0.0, bases=bases) if i == 0 else \
-                    cp_factors(w, int(r), warm_iters, 0.0, bases=bases)
+                fac = cp_factors(w, int(r), first_iters, tol if i == 0 else 0.0, bases=bases, solver=solver) \
+                    if i == 0 else cp_factors(w, int(r), warm_iters, 0.0, bases=bases, solver=solver)
             else:
-                fac = cp_factors(w, int(r), warm_iters, 0.0, bases=bases, warm=prev)
+                fac = cp_factors(w, int(r), warm_iters, 0.0, bases=bases, warm=prev, solver=solver)
         except (FloatingPointError, np.linalg.LinAlgError, ValueError) as exc:
             log.debug("cp: rank %d of a %s kernel skipped: %s", r, tuple(w.shape), exc)
             out.append(None)
@@ -298,13 +360,14 @@ class CPConv(Factorized, nn.Sequential):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, rank: int, n_iter_max: int = DEFAULTS["n_iter_max"],
-                   tol: float = DEFAULTS["tol"], factors: CPFactors | None = None) -> "CPConv":
+                   tol: float = DEFAULTS["tol"], factors: CPFactors | None = None,
+                   solver: str = DEFAULTS["solver"]) -> "CPConv":
         """Factorise ``conv`` by a rank-``rank`` CP fit (:func:`cp_factors`), or with the given ``factors``."""
         geom = require_geometry(NAME, conv)
         w = conv.weight
         new = cls(geom.in_channels, geom.out_channels, geom.kernel, rank, geom.stride, geom.padding,
                   geom.dilation, geom.bias, geom.padding_mode, device=w.device, dtype=w.dtype)
-        fac = factors if factors is not None else cp_factors(w, rank, n_iter_max, tol)
+        fac = factors if factors is not None else cp_factors(w, rank, n_iter_max, tol, solver=solver)
         with torch.no_grad():
             new.first.weight.copy_(fac.inp.T.reshape(new.first.weight.shape).to(w.dtype))
             new.vertical.weight.copy_(fac.vertical.T.reshape(new.vertical.weight.shape).to(w.dtype))
@@ -335,6 +398,8 @@ def _options(config: CurveConfig) -> dict[str, Any]:
     for key in ("max_rank", "n_iter_max"):
         if opts[key] < 1:
             raise ValueError(f"CurveConfig.options['{NAME}']['{key}'] must be >= 1, got {opts[key]!r}")
+    if opts["solver"] not in SOLVERS:
+        raise ValueError(f"CurveConfig.options['{NAME}']['solver'] must be one of {SOLVERS}, got {opts['solver']!r}")
     if not np.isfinite(opts["tol"]) or opts["tol"] < 0:
         raise ValueError(f"CurveConfig.options['{NAME}']['tol'] must be a finite number >= 0, got {opts['tol']!r}")
     return opts
@@ -367,14 +432,14 @@ def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
     params = np.asarray(cp_cost(grid, geom), dtype=np.int64) + (f if geom.bias else 0)
     grid = grid[(params < info.dense_params) | (flops_of(grid) < info.dense_flops)]  # the others are never kept
     bases = (leading_left(unfold_out(w)), leading_left(unfold_in(w)))
-    warm = opts["warm_iters"]
+    warm, solver = opts["warm_iters"], opts["solver"]
     if warm > 0:
-        fits = cp_chain(w, grid, opts["n_iter_max"], opts["tol"], warm, bases)
+        fits = cp_chain(w, grid, opts["n_iter_max"], opts["tol"], warm, bases, solver)
     else:
         fits = []
         for r in grid:
             try:
-                fits.append(cp_factors(w, int(r), opts["n_iter_max"], opts["tol"], bases=bases))
+                fits.append(cp_factors(w, int(r), opts["n_iter_max"], opts["tol"], bases=bases, solver=solver))
             except (FloatingPointError, np.linalg.LinAlgError, ValueError) as exc:
                 log.debug("cp: rank %d of a %s kernel skipped: %s", r, tuple(w.shape), exc)
                 fits.append(None)
@@ -391,6 +456,8 @@ def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
     iters = (np.full(len(rank), first, np.int64) if warm > 0
              else np.asarray([fac.iters for fac in good], dtype=np.int64))
     hyper = {"rank": rank, "iters": iters}
+    if solver != DEFAULTS["solver"]:
+        hyper["tensorly"] = np.ones(len(rank), np.int64)  # build refits with the same solver
     if warm > 0:
         hyper.update(warm_iters=np.full(len(rank), warm, np.int64), chain_top=np.full(len(rank), top, np.int64),
                      chain_points=np.full(len(rank), config.grid_points, np.int64))
@@ -414,10 +481,11 @@ def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None 
         w = module.weight
         return CPConv(geom.in_channels, geom.out_channels, geom.kernel, rank, geom.stride, geom.padding,
                       geom.dilation, geom.bias, geom.padding_mode, device=w.device, dtype=w.dtype)
+    solver = "tensorly" if hyper.get("tensorly") else "als"
     if iters is None:
-        return CPConv.from_dense(module, rank)
+        return CPConv.from_dense(module, rank, solver=solver)
     if "warm_iters" not in hyper:
-        return CPConv.from_dense(module, rank, n_iter_max=iters, tol=0.0)
+        return CPConv.from_dense(module, rank, n_iter_max=iters, tol=0.0, solver=solver)
     chain = check_hyper(NAME, hyper, ("warm_iters", "chain_top", "chain_points"))
     ranks = rank_grid(chain["chain_top"], chain["chain_points"])
     if rank not in ranks:
@@ -425,7 +493,7 @@ def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None 
                          f"rank_grid({chain['chain_top']}, {chain['chain_points']})")
     ranks = ranks[ranks <= rank]
     # the first fit ran `iters` sweeps (tol-stopped); rerun exactly that many, then the warm sweeps
-    fits = cp_chain(module.weight, ranks, iters, 0.0, chain["warm_iters"])
+    fits = cp_chain(module.weight, ranks, iters, 0.0, chain["warm_iters"], solver=solver)
     if fits[-1] is None:
         raise FloatingPointError(f"{NAME}: the rank-{rank} ALS fit is not finite")
     return CPConv.from_dense(module, rank, factors=fits[-1])
@@ -434,6 +502,6 @@ def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None 
 CP = register_family(
     Family.from_build(
         NAME, supports_multi_tap_conv, _candidates, build,
-        description="CP: 1x1, depthwise kh x 1, depthwise 1 x kw, 1x1 conv (Lebedev 2015; tensorly ALS)",
+        description="CP: 1x1, depthwise kh x 1, depthwise 1 x kw, 1x1 conv (Lebedev 2015; ALS)",
     )
 )
