@@ -164,3 +164,26 @@ def test_threshold_ranks_is_the_smallest_threshold_that_fits():
     assert threshold_ranks(table, sizes, room=60) == {"a": 2, "b": 1}  # tau = 5.0: 40 + 20
     with pytest.raises(ValueError, match="cost more than the room"):
         threshold_ranks(table, sizes, room=30)
+
+
+# (size, parameters with a 2048-token vocabulary, blocks, key/value heads)
+SIZES = [("tiny", 1_311_872, 4, 2), ("small", 20_978_176, 6, 4)]
+
+
+@pytest.mark.parametrize("size, params, blocks, kv", SIZES)
+def test_doc_llama_sizes(size, params, blocks, kv):
+    from transformers import LlamaForCausalLM
+
+    config = lm.doc_llama_config(2048, size)
+    assert (config.num_hidden_layers, config.num_key_value_heads) == (blocks, kv)
+    assert config.num_attention_heads > config.num_key_value_heads  # grouped-query attention
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+@pytest.mark.parametrize("kwargs, match", [({"size": "huge"}, "size='huge'"), ({"lr": -1.0}, "lr=-1.0"),
+                                           ({"steps": 0}, "steps")])
+def test_train_doc_llama_names_a_bad_argument_before_any_work(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lm.train_doc_llama(cache_dir=None, **kwargs)
