@@ -31,6 +31,7 @@ from .config import (OUTPUT_MOMENTS_LIMIT, OUTPUT_PARTS, Compression, CurveConfi
                      check_metric, resolve_data_parts)
 from .curves import LayerCurves, attach_latency, build_curves
 from .families import get_family
+from .families.memo import FIT_MEMO_BYTES, FitMemo, memo_scope
 from .families.attention import UnfusedMultiheadAttention, refuse_attention, unfuse_attention
 from .graph import LayerGraph, analyze, count_flops, count_params
 from .latency import measure_latency
@@ -232,6 +233,8 @@ class Prepared:
     streamed: Streamed | None = None  # pass 1 of the block-by-block path, for its pass 2 (autorank.stream)
     latency: dict[str, Any] | None = None  # metric="latency": the whole model's and the rest's times
     attention: tuple[str, ...] = ()  # the nn.MultiheadAttention modules prepare unfused
+    # the conv families' per-kernel decompositions, computed for the curves and read again by each build
+    memo: FitMemo = field(default_factory=FitMemo, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,7 @@ class CompressStep:
         if heavy and self.settings.data.streaming is False:
             log.warning("calibrating the whole model at once (DataAware(streaming=False)): its input moments "
                         "take %.1f GiB", input_moment_bytes(graph) / 2 ** 30)
-        chain = None
+        chain = batches = None
         if self.calibrated:
             batches = list(self.calibration)
             if not batches:
@@ -340,23 +343,10 @@ class CompressStep:
                     log.info("calibrating the whole model at once: %s", chain)
                     chain = None
         t = time.perf_counter()
-        if chain is not None:
-            log.info("streaming %d blocks of %r", len(chain.blocks), chain.container)
-            layer_curves, no_gain, streamed = stream_curves(work, graph, chain, batches, comp.curves, metric,
-                                                            self.progress, outputs, keep=not heavy)
-            if not heavy:  # every moment was kept: allocators and the build read them as on the whole path
-                moments = streamed.outer
-            timings["calibration"] = time.perf_counter() - t  # with the curves: block by block, they interleave
-        else:
-            if self.calibrated:
-                moments = collect_moments(work, graph.layers, batches, self.progress)
-                for name, out in (outputs or {}).items():
-                    if name in moments:
-                        moments[name].output = out
-                timings["calibration"] = time.perf_counter() - t
-                t = time.perf_counter()
-            layer_curves, no_gain = build_curves(work, graph, comp.curves, metric, self.progress, moments)
-            timings["curves"] = time.perf_counter() - t
+        memo = FitMemo(FIT_MEMO_BYTES)  # its scope reaches the curve workers
+        with memo_scope(memo):
+            layer_curves, no_gain, moments, streamed = self._curves(work, graph, chain, batches, outputs, heavy,
+                                                                    timings, t)
         if moments is not None:
             warn_zero_calibration(moments)
             warn_thin_calibration(moments)
@@ -377,7 +367,34 @@ class CompressStep:
         return Prepared(graph=graph, curves=layer_curves, skipped={**graph.skipped, **no_gain}, total=total,
                         fixed=fixed_cost(layer_curves, metric, total), moments=moments, timings=timings,
                         outputs=outputs, heavy=heavy, streamed=streamed, latency=latency,
-                        attention=tuple(unfused))
+                        attention=tuple(unfused), memo=memo)
+
+    def _curves(self, work: nn.Module, graph: LayerGraph, chain: Any, batches: list[Any] | None,
+                outputs: dict[str, Any] | None, heavy: bool, timings: dict[str, float], t: float,
+                ) -> tuple[dict[str, LayerCurves], dict[str, str], dict[str, Any] | None, Streamed | None]:
+        """Calibration and curves, block by block (``chain``) or for the whole model.
+
+        Returns ``(curves, no_gain, moments, streamed)``."""
+        comp, metric = self.settings.compression, self.metric
+        moments = streamed = None
+        if chain is not None:
+            log.info("streaming %d blocks of %r", len(chain.blocks), chain.container)
+            layer_curves, no_gain, streamed = stream_curves(work, graph, chain, batches, comp.curves, metric,
+                                                            self.progress, outputs, keep=not heavy)
+            if not heavy:  # every moment was kept: allocators and the build read them as on the whole path
+                moments = streamed.outer
+            timings["calibration"] = time.perf_counter() - t  # with the curves: block by block, they interleave
+        else:
+            if self.calibrated:
+                moments = collect_moments(work, graph.layers, batches, self.progress)
+                for name, out in (outputs or {}).items():
+                    if name in moments:
+                        moments[name].output = out
+                timings["calibration"] = time.perf_counter() - t
+                t = time.perf_counter()
+            layer_curves, no_gain = build_curves(work, graph, comp.curves, metric, self.progress, moments)
+            timings["curves"] = time.perf_counter() - t
+        return layer_curves, no_gain, moments, streamed
 
     # -- stage 2
     def choose(self, work: nn.Module, prep: Prepared, budget: float, *, curves: Mapping[str, LayerCurves] | None = None,
@@ -404,7 +421,7 @@ class CompressStep:
 
         The global RNG is left as it was (factor modules are randomly initialised before their
         factors are written)."""
-        with preserve_rng(work):
+        with preserve_rng(work), memo_scope(prep.memo):  # the kernels' decompositions made for the curves
             return self._build(work, prep, plan)
 
     def _build(self, work: nn.Module, prep: Prepared, plan: Plan) -> dict[str, float]:

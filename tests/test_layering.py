@@ -14,7 +14,7 @@ its own layer or a lower one, never a higher one, and never so as to close a cyc
 (d) a module missing from :data:`LAYERS` (a new module must be placed);
 (e) an import of a deprecated alias module (:data:`ALIASES`) from inside autorank;
 (f) a family file importing another family file (shared code lives in
-    ``families/base.py``, ``families/conv.py``, ``modules.py`` or ``linalg.py``).
+    ``families/base.py``, ``families/conv.py``, ``families/memo.py``, ``modules.py`` or ``linalg.py``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ GATHERED = frozenset({"autorank.baselines"})
 ALIAS_LAYER = 8
 
 # Modules of the families package that every family file may import.
-FAMILY_SHARED = ("autorank.families", "autorank.families.base", "autorank.families.conv")
+FAMILY_SHARED = ("autorank.families", "autorank.families.base", "autorank.families.conv", "autorank.families.memo")
 
 # ``import autorank`` must not load any of these (nor a submodule of one).
 HEAVY = ("autorank.apps", "matplotlib", "transformers", "optuna", "tensorly")

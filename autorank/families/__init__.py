@@ -9,6 +9,8 @@ the four functions of :class:`Family` and call :func:`register_family`
   :func:`family_options`, :func:`output_kwargs`;
 * :mod:`.conv`: the 2-D convolution geometry and tensor unfoldings the convolution
   families share;
+* :mod:`.memo`: the per-compression memo of kernel decompositions (the candidates compute
+  them, every build reads them back);
 * the families: :mod:`.alds` (grouped low-rank SVD), :mod:`.alrf`, :mod:`.cp`,
   :mod:`.sparse_lowrank`, :mod:`.spatial` (spatial SVD), :mod:`.tt`, :mod:`.tucker` (Tucker-2);
 * :mod:`.attention`: ``nn.MultiheadAttention`` as four Linear layers (q, k, v, out), which every

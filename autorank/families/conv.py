@@ -21,12 +21,13 @@ import torch
 import torch.nn as nn
 
 from ..linalg import sym_eigh
+from .memo import memoized
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph import LayerInfo
 
 __all__ = ["Conv2dGeometry", "conv2d_geometry", "conv_out_size", "call_flops", "dense_conv", "as_pair",
-           "require_geometry", "supports_multi_tap_conv", "unfold_out", "unfold_in", "leading_left",
+           "require_geometry", "supports_multi_tap_conv", "unfold_out", "unfold_in", "leading_left", "channel_spectra",
            "top_eigen"]
 
 
@@ -153,6 +154,25 @@ def unfold_out(weight: torch.Tensor) -> torch.Tensor:
 def unfold_in(weight: torch.Tensor) -> torch.Tensor:
     """Input-channel unfolding ``W_(in)``: ``c x (f*kh*kw)``, float64."""
     return weight.detach().to(torch.float64).transpose(0, 1).reshape(weight.shape[1], -1)
+
+
+@torch.no_grad()
+def channel_spectra(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lam_in, U_in, lam_out, U_out)``: eigenvalues (descending, ``>= 0``) and eigenvectors of the
+    Gram matrices ``W_(in) W_(in)^T`` (``c x c``) and ``W_(out) W_(out)^T`` (``f x f``), float64.
+
+    ``U_in`` / ``U_out`` are :func:`leading_left` of the two unfoldings, the HOSVD bases that
+    Tucker-2 and CP both cut; kept in the active :mod:`autorank.families.memo` (read-only), so the
+    candidates of both families and the build of the chosen one share one pair of eigendecompositions.
+    """
+    def compute() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = []
+        for unfolding in (unfold_in(weight), unfold_out(weight)):
+            vals, vecs = sym_eigh(unfolding @ unfolding.T)
+            out += [vals.flip(-1).clamp_min(0), vecs.flip(-1)]
+        return out[0], out[1], out[2], out[3]
+
+    return memoized("channel_spectra", weight, compute)
 
 
 @torch.no_grad()

@@ -72,8 +72,8 @@ from ..graph import LayerInfo
 from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
 from .base import CandidateColumns, Family, family_options, register_family
-from .conv import (Conv2dGeometry, as_pair, call_flops, dense_conv, leading_left, require_geometry,
-                   supports_multi_tap_conv, top_eigen, unfold_in, unfold_out)
+from .conv import (Conv2dGeometry, as_pair, call_flops, channel_spectra, dense_conv, require_geometry,
+                   supports_multi_tap_conv, top_eigen)
 
 __all__ = ["CPFactors", "cp_rank_limit", "cp_als", "cp_factors", "cp_chain", "cp_errors", "cp_weight", "cp_cost", "CPConv",
            "CP"]
@@ -128,6 +128,12 @@ def _numpy_backend() -> Iterator[None]:
         yield
     finally:
         tl.set_backend(old, local_threadsafe=True)
+
+
+def _bases(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full HOSVD bases ``(U_out, U_in)`` of the output- and input-channel unfoldings (memoised)."""
+    spectra = channel_spectra(weight)
+    return spectra[3], spectra[1]
 
 
 def _svd_init(core: np.ndarray, rank: int, seed: int) -> list[np.ndarray]:
@@ -214,7 +220,7 @@ def cp_factors(weight: torch.Tensor, rank: int, n_iter_max: int = 100, tol: floa
         raise ValueError(f"{NAME}: rank={rank} must be in [1, {top}] for a {tuple(weight.shape)} kernel")
     w = weight.detach().to(torch.float64)
     if bases is None:
-        bases = (leading_left(unfold_out(w)), leading_left(unfold_in(w)))
+        bases = _bases(w)
     u_out, u_in = bases[0][:, :min(f, rank)], bases[1][:, :min(c, rank)]
     core = torch.einsum("fcyx,fa,cb->abyx", w, u_out, u_in).cpu().numpy()
     with np.errstate(all="ignore"):
@@ -261,7 +267,7 @@ def cp_chain(weight: torch.Tensor, ranks: Sequence[int], first_iters: int, tol: 
     """
     w = weight.detach().to(torch.float64)
     if bases is None:
-        bases = (leading_left(unfold_out(w)), leading_left(unfold_in(w)))
+        bases = _bases(w)
     out: list[CPFactors | None] = []
     prev = None
     for i, r in enumerate(ranks):
@@ -431,7 +437,7 @@ def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
 
     params = np.asarray(cp_cost(grid, geom), dtype=np.int64) + (f if geom.bias else 0)
     grid = grid[(params < info.dense_params) | (flops_of(grid) < info.dense_flops)]  # the others are never kept
-    bases = (leading_left(unfold_out(w)), leading_left(unfold_in(w)))
+    bases = _bases(w)
     warm, solver = opts["warm_iters"], opts["solver"]
     if warm > 0:
         fits = cp_chain(w, grid, opts["n_iter_max"], opts["tol"], warm, bases, solver)

@@ -56,6 +56,7 @@ from ..linalg import gram_eigh
 from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
 from .base import CandidateColumns, Family, family_options, register_family
+from .memo import memoized
 from .conv import (Conv2dGeometry, as_pair, call_flops, conv2d_geometry, dense_conv, require_geometry,
                    top_eigen)
 
@@ -88,8 +89,13 @@ def spatial_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     norms of the projected other side, ``s_l = ||M^T u_l||`` (or ``||M v_l||``), accurate to
     about ``eps s_1`` (the Gram's eigenvalues alone would put a floor near ``1e-8 s_1`` under
     the null directions); that side's vectors are ``M^T u_l / s_l`` (or ``M v_l / s_l``), and
-    directions with ``s_l <= 1e-12 s_1`` get ``s_l = 0`` and zero vectors.
+    directions with ``s_l <= 1e-12 s_1`` get ``s_l = 0`` and zero vectors.  Kept in the active
+    :mod:`autorank.families.memo` (read-only): the candidates and the build share it.
     """
+    return memoized("spatial_svd", weight, lambda: _spatial_svd(weight))
+
+
+def _spatial_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m = spatial_matrix(weight)
     _, evecs, left = gram_eigh(m)
     side = evecs.T @ m if left else (m @ evecs).T  # (r, other side): u_l^T M, or (M v_l)^T

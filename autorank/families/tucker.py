@@ -54,13 +54,12 @@ import torch.nn as nn
 
 from ..config import CurveConfig
 from ..graph import LayerInfo
-from ..linalg import sym_eigh
 from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
 from ..vbmf import evbmf_rank
 from .base import CandidateColumns, Family, family_options, register_family
-from .conv import (Conv2dGeometry, as_pair, call_flops, dense_conv, leading_left, require_geometry,
-                   supports_multi_tap_conv, top_eigen, unfold_in, unfold_out)
+from .conv import (Conv2dGeometry, as_pair, call_flops, channel_spectra, dense_conv, leading_left,
+                   require_geometry, supports_multi_tap_conv, top_eigen, unfold_in, unfold_out)
 
 __all__ = ["hosvd", "hooi", "tucker2_core", "tucker2_factors", "tucker2_weight", "tucker2_cost",
            "tucker2_rankas_pairs", "hosvd_spectra", "tucker2_hosvd_errors", "tucker2_hosvd_frobenius",
@@ -81,7 +80,8 @@ def hosvd(weight: torch.Tensor, rank_in: int, rank_out: int,
     by every rank pair of a layer).
     """
     if bases is None:
-        bases = (leading_left(unfold_in(weight)), leading_left(unfold_out(weight)))
+        spectra = channel_spectra(weight)
+        bases = (spectra[1], spectra[3])
     return bases[0][:, :rank_in], bases[1][:, :rank_out]
 
 
@@ -137,19 +137,15 @@ def tucker2_rankas_pairs(c: int, f: int, points: int) -> tuple[np.ndarray, np.nd
     return r3[keep].astype(np.int64), r4[keep].astype(np.int64)
 
 
-@torch.no_grad()
 def hosvd_spectra(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(lam_in, U_in, lam_out, U_out)``: eigenvalues (descending, ``>= 0``) and eigenvectors of the
     Gram matrices ``W_(in) W_(in)^T`` (``c x c``) and ``W_(out) W_(out)^T`` (``f x f``), float64.
 
     ``U_in`` / ``U_out`` are the full HOSVD bases (:func:`hosvd` cuts them); ``lam_out`` are the
-    squared singular values of ``W_(out)``, the ``f x c*kh*kw`` weight matrix.
+    squared singular values of ``W_(out)``, the ``f x c*kh*kw`` weight matrix.  This is
+    :func:`autorank.families.conv.channel_spectra` (memoised per compression).
     """
-    out = []
-    for unfolding in (unfold_in(weight), unfold_out(weight)):
-        vals, vecs = sym_eigh(unfolding @ unfolding.T)
-        out += [vals.flip(-1).clamp_min(0), vecs.flip(-1)]
-    return out[0], out[1], out[2], out[3]
+    return channel_spectra(weight)
 
 
 def _rotated(weight: torch.Tensor, bases: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -385,7 +381,8 @@ def fit(module: nn.Module, rank_in: int, rank_out: int, hooi_iters: int,
     """
     w = module.weight.detach()
     f = w.shape[0]
-    bases = (leading_left(unfold_in(w)), leading_left(unfold_out(w)))
+    spectra = channel_spectra(w)
+    bases = (spectra[1], spectra[3])
     fits = [tucker2_factors(w, rank_in, rank_out, 0, bases)]
     if hooi_iters > 0:
         fits.append(tucker2_factors(w, rank_in, rank_out, hooi_iters, bases))
