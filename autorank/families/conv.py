@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..graph import LayerInfo
 
 __all__ = ["Conv2dGeometry", "conv2d_geometry", "conv_out_size", "call_flops", "dense_conv", "as_pair",
-           "require_geometry", "supports_multi_tap_conv", "unfold_out", "unfold_in", "leading_left", "channel_spectra",
-           "top_eigen"]
+           "require_geometry", "supports_multi_tap_conv", "unfold_out", "unfold_in", "leading_left",
+           "channel_spectra", "top_eigen"]
 
 
 # ---- 2-D conv geometry ---------------------------------------------------------------------
