@@ -615,3 +615,39 @@ def test_spatial_svd_of_a_rank_deficient_kernel_is_exact_past_its_rank(shape):
     assert float(((u * s) @ vh - spatial_matrix(w)).norm() / spatial_matrix(w).norm()) < 1e-13
     errors = spatial_svd_errors(w, [1, rank, rank + 1])
     assert errors[0] > 0.01 and errors[1] < 1e-12 and errors[2] < 1e-12
+
+
+# (rows, cols, rank): wide and tall, both sides past 64 (Lanczos) or not (LAPACK), full rank and
+# rank-deficient, and a flat top spectrum (the residual of a truncation), where Lanczos is slowest
+TOP_GRAM_CASES = [(80, 300, None), (300, 80, None), (40, 90, None), (100, 100, 3), (90, 500, 0), ("flat", 200, None)]
+
+
+@pytest.mark.parametrize("rows,cols,rank", TOP_GRAM_CASES)
+def test_top_gram_eigen_equals_largest_eigenvalue(rows, cols, rank):
+    from autorank.families.conv import top_eigen, top_gram_eigen
+
+    g = torch.Generator().manual_seed(1)
+    if rows == "flat":  # 120 equal top singular values, then a decaying tail
+        q1, _ = torch.linalg.qr(torch.randn(120, 120, generator=g, dtype=torch.float64))
+        q2, _ = torch.linalg.qr(torch.randn(cols, 120, generator=g, dtype=torch.float64))
+        s = torch.cat([torch.ones(60), torch.linspace(0.9, 0.01, 60)]).double()
+        r = q1 * s @ q2.T
+    elif rank is None:
+        r = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    else:
+        r = torch.randn(rows, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, cols, generator=g,
+                                                                                   dtype=torch.float64)
+    want = float(torch.linalg.eigvalsh(r @ r.T)[-1]) if r.shape[0] <= r.shape[1] else \
+        float(torch.linalg.eigvalsh(r.T @ r)[-1])
+    got = top_gram_eigen(r)
+    assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
+    assert got <= want * (1 + 1e-12) + 1e-300  # a Ritz value never exceeds lambda_max
+    if r.shape[0] > 64:
+        assert got == pytest.approx(top_eigen(r @ r.T)[0], rel=1e-10, abs=1e-12)
+
+
+def test_top_gram_eigen_rejects_a_vector():
+    from autorank.families.conv import top_gram_eigen
+
+    with pytest.raises(ValueError, match=r"2-D matrix, got shape \(5,\)"):
+        top_gram_eigen(torch.ones(5))

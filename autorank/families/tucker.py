@@ -59,7 +59,7 @@ from ..modules import Factorized
 from ..vbmf import evbmf_rank
 from .base import CandidateColumns, Family, family_options, register_family
 from .conv import (Conv2dGeometry, as_pair, call_flops, channel_spectra, dense_conv, leading_left,
-                   require_geometry, supports_multi_tap_conv, top_eigen, unfold_in, unfold_out)
+                   require_geometry, supports_multi_tap_conv, top_eigen, top_gram_eigen, unfold_in, unfold_out)
 
 __all__ = ["hosvd", "hooi", "tucker2_core", "tucker2_factors", "tucker2_weight", "tucker2_cost",
            "tucker2_rankas_pairs", "hosvd_spectra", "tucker2_hosvd_errors", "tucker2_hosvd_frobenius",
@@ -355,14 +355,18 @@ def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
                             error=error, error_lower=np.minimum(lower, error), params=params, flops=flops)
 
 
-def _spectral_errors(weight: torch.Tensor, approximations: Sequence[torch.Tensor]) -> np.ndarray:
-    """``||W - W_hat||_2 / ||W||_2`` of each ``f x n`` approximation, from ``E E^T`` and :func:`top_eigen`."""
+def _spectral_errors(weight: torch.Tensor, approximations: Sequence[torch.Tensor],
+                     norm2: float | None = None) -> np.ndarray:
+    """``||W - W_hat||_2 / ||W||_2`` of each ``f x n`` approximation, by :func:`top_gram_eigen` of ``E = W - W_hat``.
+
+    ``norm2``: ``||W||_2^2`` when known (e.g. the top eigenvalue of :func:`hosvd_spectra`).
+    """
     w = weight.detach().to(torch.float64)
-    norm2, _ = top_eigen(w @ w.T)
+    if norm2 is None:
+        norm2 = top_gram_eigen(w)
     out = []
     for approx in approximations:
-        r = w - approx.to(torch.float64)
-        lam, _ = top_eigen(r @ r.T)
+        lam = top_gram_eigen(w - approx.to(torch.float64))
         out.append(0.0 if norm2 <= 0 else float(np.sqrt(max(lam, 0.0) / norm2)))
     return np.asarray(out, dtype=np.float64)
 
@@ -388,7 +392,7 @@ def fit(module: nn.Module, rank_in: int, rank_out: int, hooi_iters: int,
         fits.append(tucker2_factors(w, rank_in, rank_out, hooi_iters, bases))
     approx = [tucker2_weight(*(t.to(w.dtype) for t in fac)).reshape(f, -1) for fac in fits]
     if moment is None:
-        errs = _spectral_errors(w.reshape(f, -1), approx)
+        errs = _spectral_errors(w.reshape(f, -1), approx, float(spectra[2][0]) if len(spectra[2]) else None)
     else:
         errs = relative_errors(w.reshape(f, -1), approx, moment)
     best = int(np.argmin(errs))
