@@ -617,33 +617,100 @@ def test_spatial_svd_of_a_rank_deficient_kernel_is_exact_past_its_rank(shape):
     assert errors[0] > 0.01 and errors[1] < 1e-12 and errors[2] < 1e-12
 
 
-# (rows, cols, rank): wide and tall, both sides past 64 (Lanczos) or not (LAPACK), full rank and
-# rank-deficient, and a flat top spectrum (the residual of a truncation), where Lanczos is slowest
-TOP_GRAM_CASES = [(80, 300, None), (300, 80, None), (40, 90, None), (100, 100, 3), (90, 500, 0), ("flat", 200, None)]
+# (rows, cols, kind, rel): wide and tall, the small side past 64 (Lanczos) or not (LAPACK), full
+# rank, rank-deficient and zero; a degenerate top (60 equal singular values) and a clustered but
+# distinct one (20 values 1e-3 apart), where Lanczos needs the most steps and tol = 1e-6 bounds
+# the eigenvalue by ||r||^2 / delta rather than by rounding
+TOP_GRAM_CASES = [(80, 300, "random", 1e-10), (300, 80, "random", 1e-10), (300, 40, "random", 1e-10),
+                  (40, 90, "random", 1e-10), (100, 100, 3, 1e-10), (90, 500, 0, 1e-10),
+                  (120, 200, "degenerate", 1e-10), (120, 200, "clustered", 1e-7)]
 
 
-@pytest.mark.parametrize("rows,cols,rank", TOP_GRAM_CASES)
-def test_top_gram_eigen_equals_largest_eigenvalue(rows, cols, rank):
+def _gram_case(rows, cols, kind):
+    g = torch.Generator().manual_seed(1)
+    if kind in ("degenerate", "clustered"):
+        q1, _ = torch.linalg.qr(torch.randn(rows, rows, generator=g, dtype=torch.float64))
+        q2, _ = torch.linalg.qr(torch.randn(cols, rows, generator=g, dtype=torch.float64))
+        if kind == "degenerate":
+            s = torch.cat([torch.ones(60), torch.linspace(0.9, 0.01, rows - 60)])
+        else:
+            s = torch.cat([1 - 1e-3 * torch.arange(20) / 20, torch.linspace(0.9, 0.01, rows - 20)])
+        return q1 * s.double() @ q2.T
+    if kind == "random":
+        return torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    return torch.randn(rows, kind, generator=g, dtype=torch.float64) @ torch.randn(kind, cols, generator=g,
+                                                                                  dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rows,cols,kind,rel", TOP_GRAM_CASES)
+def test_top_gram_eigen_equals_largest_eigenvalue(rows, cols, kind, rel):
     from autorank.families.conv import top_eigen, top_gram_eigen
 
-    g = torch.Generator().manual_seed(1)
-    if rows == "flat":  # 120 equal top singular values, then a decaying tail
-        q1, _ = torch.linalg.qr(torch.randn(120, 120, generator=g, dtype=torch.float64))
-        q2, _ = torch.linalg.qr(torch.randn(cols, 120, generator=g, dtype=torch.float64))
-        s = torch.cat([torch.ones(60), torch.linspace(0.9, 0.01, 60)]).double()
-        r = q1 * s @ q2.T
-    elif rank is None:
-        r = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    else:
-        r = torch.randn(rows, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, cols, generator=g,
-                                                                                   dtype=torch.float64)
-    want = float(torch.linalg.eigvalsh(r @ r.T)[-1]) if r.shape[0] <= r.shape[1] else \
-        float(torch.linalg.eigvalsh(r.T @ r)[-1])
+    r = _gram_case(rows, cols, kind)
+    want = float(torch.linalg.eigvalsh(r @ r.T if rows <= cols else r.T @ r)[-1])
     got = top_gram_eigen(r)
-    assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
+    assert got == pytest.approx(want, rel=rel, abs=1e-12)
     assert got <= want * (1 + 1e-12) + 1e-300  # a Ritz value never exceeds lambda_max
-    if r.shape[0] > 64:
-        assert got == pytest.approx(top_eigen(r @ r.T)[0], rel=1e-10, abs=1e-12)
+    if rows > 64:
+        assert top_eigen(r @ r.T)[0] == pytest.approx(want, rel=rel, abs=1e-12)
+    # float32 rows: computed in float64 from the float32 values; rounding splits a degenerate top
+    # into a cluster ~1e-7 wide, so only the residual bound applies
+    r32, rel = r.float(), max(rel, 1e-7)
+    want32 = float(torch.linalg.eigvalsh((r32.double() @ r32.double().T) if rows <= cols
+                                         else (r32.double().T @ r32.double()))[-1])
+    assert top_gram_eigen(r32) == pytest.approx(want32, rel=rel, abs=1e-12)
+
+
+def test_top_gram_eigen_falls_back_to_lapack_and_handles_empty():
+    from autorank.families.conv import top_gram_eigen
+
+    r = _gram_case(120, 200, "clustered")
+    want = float(torch.linalg.eigvalsh(r @ r.T)[-1])
+    assert top_gram_eigen(r, steps=2, restarts=1) == pytest.approx(want, rel=1e-12)  # Lanczos cannot converge
+    assert top_gram_eigen(torch.zeros(0, 5)) == 0.0
+    assert top_gram_eigen(torch.zeros(100, 100)) == 0.0
+
+
+def test_lanczos_recovers_a_top_eigenvector_the_start_misses():
+    """A = I + u u^T with u orthogonal to the fixed start: the Krylov space stays orthogonal to u
+    and Lanczos stops at once on theta = 1; theta < max(diag A) = 1 + u_0^2 makes it restart."""
+    from autorank.families.conv import top_eigen, top_gram_eigen
+
+    n = 100
+    v0 = torch.ones(n, dtype=torch.float64) + torch.arange(n, dtype=torch.float64) / n
+    u = torch.zeros(n, dtype=torch.float64)
+    u[0], u[1] = v0[1], -v0[0]
+    u /= u.norm()
+    a = torch.eye(n, dtype=torch.float64) + torch.outer(u, u)
+    assert top_eigen(a)[0] == pytest.approx(2.0, rel=1e-10)
+    assert top_eigen(a, start=v0)[0] == pytest.approx(2.0, rel=1e-10)  # a warm start orthogonal to u
+    root = torch.linalg.cholesky(a)  # a = L L^T: the same operator from rows
+    assert top_gram_eigen(root) == pytest.approx(2.0, rel=1e-10)
+
+
+def test_looser_lanczos_tolerance_keeps_the_closed_form_errors():
+    """tol = 1e-6 (the default) against 1e-9 on the closed-form curves of three conv families."""
+    import autorank.families.conv as conv_mod
+    from autorank.families.spatial import spatial_svd_errors
+    from autorank.families.tucker import tucker2_hosvd_errors, tucker2_rankas_pairs
+
+    torch.manual_seed(0)
+    w = nn.Conv2d(48, 96, 3).weight.detach()
+    r3, r4 = tucker2_rankas_pairs(48, 96, 8)
+    ranks = np.arange(1, 144, 9)
+    loose = tucker2_hosvd_errors(w, r3, r4), spatial_svd_errors(w, ranks)
+    strict_eigen = conv_mod.top_eigen
+    try:
+        import autorank.families.spatial as sp_mod
+        import autorank.families.tucker as tk_mod
+
+        strict = lambda sym, start=None, tol=1e-9, **kw: strict_eigen(sym, start, 1e-9, **kw)  # noqa: E731
+        tk_mod.top_eigen = sp_mod.top_eigen = strict
+        tight = tucker2_hosvd_errors(w, r3, r4), spatial_svd_errors(w, ranks)
+    finally:
+        tk_mod.top_eigen = sp_mod.top_eigen = strict_eigen
+    for a, b in zip(loose, tight):
+        assert np.abs(a - b).max() < 1e-9
 
 
 def test_top_gram_eigen_rejects_a_vector():

@@ -187,22 +187,29 @@ def leading_left(matrix: torch.Tensor, rank: int | None = None) -> torch.Tensor:
     return vecs if rank is None else vecs[:, :rank]
 
 
-def _lanczos_top(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, like: torch.Tensor,
+def _lanczos_top(matvec: Callable[[torch.Tensor], torch.Tensor], diag: torch.Tensor, like: torch.Tensor,
                  start: torch.Tensor | None, tol: float, steps: int,
                  restarts: int) -> tuple[float, torch.Tensor] | None:
-    """Lanczos for the largest eigenvalue of the symmetric operator ``matvec`` on ``R^n`` (float64).
+    """Lanczos for the largest eigenvalue of the symmetric PSD operator ``matvec`` (float64).
 
-    Full reorthogonalisation, up to ``steps`` Krylov vectors, then restarted from the Ritz
-    vector, until ``|beta_j s_j| <= tol * theta`` (the residual ``||A v - theta v||``); ``None``
-    when ``restarts`` runs do not converge.
+    ``diag``: the operator's diagonal (length ``n``).  Full reorthogonalisation, up to
+    ``steps`` Krylov vectors, then restarted, until ``|beta_j s_j| <= tol * theta`` (the
+    residual ``||A v - theta v||``) with ``theta >= (1 - 1e-9) max(diag)``: a Ritz value below the largest
+    diagonal entry (a lower bound of ``lambda_max``) means the start missed the top
+    eigenvector, and the run restarts with that coordinate vector added.  A warm ``start`` is
+    mixed with the fixed default start (1 % of its norm), so no direction is exactly absent.
+    ``None`` when ``restarts`` runs do not converge.
     """
     from scipy.linalg import eigh_tridiagonal
 
+    n = diag.shape[0]
     m = min(steps, n)
+    base = torch.ones(n, dtype=like.dtype, device=like.device) + torch.arange(n, dtype=like.dtype,
+                                                                               device=like.device) / n
+    base = base / base.norm()
     v = start.to(like) if start is not None and start.shape == (n,) and bool(torch.isfinite(start).all()) else None
-    if v is None or float(v.norm()) == 0.0:
-        v = torch.ones(n, dtype=like.dtype, device=like.device) + torch.arange(n, dtype=like.dtype,
-                                                                                device=like.device) / n
+    v = base if v is None or float(v.norm()) == 0.0 else v / v.norm() + 0.01 * base
+    floor, top = float(diag.max()), int(diag.argmax())
     for _ in range(restarts):
         q = torch.zeros(m + 1, n, dtype=like.dtype, device=like.device)
         q[0] = v / v.norm()
@@ -222,32 +229,41 @@ def _lanczos_top(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, like: t
                 vals, vecs = eigh_tridiagonal(alpha[:k], beta[:k - 1])
                 theta, s = float(vals[-1]), vecs[:, -1]
                 if invariant or abs(beta[j] * s[-1]) <= tol * max(abs(theta), 1e-300):
-                    v = q[:k].T @ torch.from_numpy(s).to(like)
-                    return theta, v / v.norm()
+                    break
         v = q[:k].T @ torch.from_numpy(s).to(like)
+        v = v / v.norm()
+        converged = invariant or abs(beta[k - 1] * s[-1]) <= tol * max(abs(theta), 1e-300)
+        if converged and theta >= floor * (1 - 1e-9):  # within 1e-9 of a lower bound: as good as exact
+            return theta, v
+        if converged:  # a lower eigenvalue, from a start deficient in the top eigenvector
+            v = v.clone()
+            v[top] += 1.0
     return None
 
 
 @torch.no_grad()
 def top_eigen(sym: torch.Tensor, start: torch.Tensor | None = None, tol: float = 1e-6,
               steps: int = 120, restarts: int = 5) -> tuple[float, torch.Tensor]:
-    """``(lambda_max, v)``: the largest eigenvalue of a symmetric matrix and a unit eigenvector, float64.
+    """``(lambda_max, v)``: the largest eigenvalue of a symmetric PSD matrix and a unit eigenvector, float64.
 
     Lanczos with full reorthogonalisation (up to ``steps`` Krylov vectors, then restarted
     from the Ritz vector), started from ``start`` when given (e.g. the eigenvector of a
-    neighbouring candidate), until the residual ``r = ||A v - theta v|| <= tol * theta``.  For a
-    symmetric matrix some eigenvalue lies within ``r`` of the Ritz value ``theta <= lambda_max``,
-    and within ``r^2 / delta`` when the rest of the spectrum is ``delta`` away (Kato-Temple), so
-    the eigenvalue is far more accurate than the vector: on the Tucker-2 candidates of ResNet-18,
-    ``tol = 1e-6`` gives errors ``sqrt(lambda / lambda_1)`` within ``5e-12`` of ``tol = 1e-9`` in
-    two thirds of the time.  LAPACK (:func:`autorank.linalg.sym_eigh`) up to ``64 x 64``, or
-    when Lanczos does not converge.  A family that measures ``||E||_2`` of many residuals ``E``
-    through their ``E E^T`` pays ``O(n^2)`` per step instead of an ``O(n^3)`` eigendecomposition each.
+    neighbouring candidate, mixed with a fixed vector), until the residual
+    ``r = ||A v - theta v|| <= tol * theta`` and ``theta >= max(diag A)``.  Some eigenvalue then
+    lies within ``r`` of the Ritz value ``theta``; when that is ``lambda_max`` (a start
+    deficient in the top eigenvector can converge to a lower one: the diagonal test catches the
+    cases where ``theta`` falls below a diagonal entry), ``lambda_max - theta`` is at most ``r``
+    and at most ``r^2 / delta`` when the rest of the spectrum is ``delta`` below (Kato-Temple).
+    So the eigenvalue is far more accurate than the vector (see docs/families.md for the
+    measured effect of ``tol``).  LAPACK (:func:`autorank.linalg.sym_eigh`) up to ``64 x 64``,
+    or when Lanczos does not converge.  A family that measures ``||E||_2`` of many residuals
+    ``E`` through their ``E E^T`` pays ``O(n^2)`` per step instead of an ``O(n^3)``
+    eigendecomposition each.
     """
     a = sym.detach().to(torch.float64)
     n = a.shape[0]
     if n > 64:
-        found = _lanczos_top(lambda v: a @ v, n, a, start, tol, steps, restarts)
+        found = _lanczos_top(lambda v: a @ v, a.diagonal(), a, start, tol, steps, restarts)
         if found is not None:
             return found
     vals, vecs = sym_eigh(a)
@@ -258,19 +274,21 @@ def top_eigen(sym: torch.Tensor, start: torch.Tensor | None = None, tol: float =
 def top_gram_eigen(rows: torch.Tensor, tol: float = 1e-6, steps: int = 120, restarts: int = 5) -> float:
     """``lambda_max(R R^T) = ||R||_2^2`` of an ``f x n`` matrix ``R`` without forming its Gram matrix.
 
-    Lanczos (:func:`top_eigen`'s, same ``tol``) on ``v -> R (R^T v)`` (or ``R^T (R v)`` when
-    ``n < f``, the smaller side), ``4 f n`` flops a step against ``f^2 n`` for ``R R^T``: the
-    error of one realised kernel (``R = W - W_hat``) costs a few dozen matrix-vector products.
-    LAPACK on the smaller Gram up to ``64`` on that side, or when Lanczos does not converge.
+    Lanczos (:func:`top_eigen`'s, same ``tol`` and diagonal test; the diagonal is the squared
+    row norms) on ``v -> R (R^T v)`` (or ``R^T (R v)`` when ``n < f``, the smaller side), ``4 f n``
+    flops a step against ``f^2 n`` for ``R R^T``: the error of one realised kernel
+    (``R = W - W_hat``) costs a few dozen matrix-vector products.  LAPACK on the smaller Gram up
+    to ``64`` on that side, or when Lanczos does not converge; 0 for an empty matrix.
     """
     r = rows.detach().to(torch.float64)
     if r.dim() != 2:
         raise ValueError(f"top_gram_eigen needs a 2-D matrix, got shape {tuple(r.shape)}")
+    if r.numel() == 0:
+        return 0.0
     wide = r.shape[0] <= r.shape[1]
-    n = r.shape[0] if wide else r.shape[1]
-    if n > 64:
+    if min(r.shape) > 64:
         op = (lambda v: r @ (r.T @ v)) if wide else (lambda v: r.T @ (r @ v))
-        found = _lanczos_top(op, n, r, None, tol, steps, restarts)
+        found = _lanczos_top(op, (r * r).sum(1 if wide else 0), r, None, tol, steps, restarts)
         if found is not None:
             return found[0]
     return float(sym_eigh(r @ r.T if wide else r.T @ r)[0][-1])
