@@ -186,6 +186,10 @@ class LatencyConfig:
                    geometry and input shape); ``True`` (default): ``latency/`` in the user cache
                    folder (:func:`autorank._util.user_cache_dir`, ``$AUTORANK_CACHE`` overrides
                    it), so runs from any working directory share it; None (or False): no cache.
+    corrections:   when the realised model measures over the budget by more than the measurement
+                   spread (the layers' times, taken one layer at a time, can add up to less than
+                   the whole model's), re-plan at ``target * budget / measured`` and rebuild, at
+                   most this many times (0: never).  The plan records the target it was made for.
     """
 
     threads: int = 1
@@ -197,9 +201,11 @@ class LatencyConfig:
     final_repeats: int = 20
     clock: str = "auto"
     cache: Any = True
+    corrections: int = 2
 
     def __post_init__(self) -> None:
         check_count("LatencyConfig.threads", self.threads)
+        check_count("LatencyConfig.corrections", self.corrections, low=0)
         check_count("LatencyConfig.repeats", self.repeats)
         check_count("LatencyConfig.warmup", self.warmup, low=0)
         check_count("LatencyConfig.grid_linear", self.grid_linear)

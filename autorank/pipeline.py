@@ -33,7 +33,7 @@ from .curves import LayerCurves, attach_latency, build_curves
 from .families import get_family
 from .families.memo import FIT_MEMO_BYTES, FitMemo, memo_scope
 from .families.attention import UnfusedMultiheadAttention, refuse_attention, unfuse_attention
-from .graph import LayerGraph, analyze, count_flops, count_params
+from .graph import LayerGraph, analyze, count_flops, count_params, replace_module
 from .latency import measure_latency
 from .plan import LayerPlan, Plan
 from .progress import progress_scope, stage
@@ -44,13 +44,29 @@ from .sequential import sequential_refit
 from .solver import network_bound
 from .stream import Streamed, block_replay, find_chain, input_moment_bytes, output_moment_bytes, stream_build, stream_curves
 
-__all__ = ["Settings", "CompressStep", "Prepared", "make_plan", "fixed_cost", "measure_totals",
+__all__ = ["Settings", "CompressStep", "Prepared", "make_plan", "fixed_cost", "latency_overrun", "measure_totals",
            "record_built_errors"]
 
 log = logging.getLogger(__name__)
 
 
 # ---- plan arithmetic ---------------------------------------------------------------------------
+
+def latency_overrun(plan: Plan) -> tuple[float, float]:
+    """``(measured / original latency, spread)`` of a measured latency plan; the spread is the sum of both IQRs
+    over the original's time."""
+    t = plan.totals
+    before = t["latency_before"]
+    return t["latency"] / before, (t["latency_iqr"] + t["latency_before_iqr"]) / before
+
+
+def _dense_again(work: nn.Module, plan: Plan, originals: Mapping[str, nn.Module]) -> nn.Module:
+    """``work`` with the modules of ``plan``'s compressed layers put back to ``originals`` (in place)."""
+    for name, lp in plan.layers.items():
+        if lp.compressed and name in originals:
+            replace_module(work, name, originals[name])
+    return work
+
 
 def fixed_cost(curves: Mapping[str, LayerCurves], metric: str, total: float) -> float:
     """The part of ``total`` outside the layers that have curves (it counts towards the budget as is)."""
@@ -465,8 +481,9 @@ class CompressStep:
 
     # -- stage 4
     def finish(self, work: nn.Module, budget: float, prep: Prepared, picked: Mapping[str, int], worst: float,
-               timings: dict[str, float], t0: float, solver: SolverConfig | None = None) -> OptimizeResult:
-        """Plan, build, measure and check ``work``; the result."""
+               timings: dict[str, float], t0: float, solver: SolverConfig | None = None,
+               warn: bool = True) -> OptimizeResult:
+        """Plan, build, measure and check ``work``; the result (``warn``: log a latency over budget)."""
         metric = self.metric
         plan = self.plan(prep, picked, budget, solver)
         with restore_on_error(work):  # a failure leaves an inplace=True model as it was, not half-converted
@@ -479,7 +496,7 @@ class CompressStep:
             total = prep.total
             predicted = prep.fixed + sum(float(prep.curves[n].cost(metric)[i]) for n, i in picked.items())
             if metric == "latency":
-                self._check_latency(work, plan, prep, budget, predicted)
+                self._check_latency(work, plan, prep, budget, predicted, warn)
             elif measured[metric] != round(predicted):
                 log.warning("measured %s (%d) differ from the plan's prediction (%d)", metric, measured[metric], predicted)
             if metric != "latency" and measured[metric] > budget * total * (1 + 1e-9):
@@ -494,7 +511,8 @@ class CompressStep:
                  metric, budget, achieved, worst, timings["total"])
         return OptimizeResult(model=work, plan=plan, graph=prep.graph, curves=prep.curves, timings=timings)
 
-    def _check_latency(self, work: nn.Module, plan: Plan, prep: Prepared, budget: float, predicted: float) -> None:
+    def _check_latency(self, work: nn.Module, plan: Plan, prep: Prepared, budget: float, predicted: float,
+                       warn: bool = True) -> None:
         """Time the realised model (median of repeats and IQR) into ``plan.totals``; warn when over budget.
 
         The ratio is against the original's time measured in :meth:`prepare` with the same clock
@@ -507,9 +525,8 @@ class CompressStep:
                            latency_before_iqr=prep.latency["whole_iqr_s"],
                            latency_min=lat["min_s"], latency_before_min=prep.latency["whole_min_s"],
                            latency_predicted=predicted * before / prep.total, latency_threads=cfg.threads)
-        ratio = lat["median_s"] / before
-        spread = (lat["iqr_s"] + prep.latency["whole_iqr_s"]) / before
-        if ratio > budget + spread:
+        ratio, spread = latency_overrun(plan)
+        if warn and ratio > budget + spread:
             log.warning("measured latency %.3f ms is %.3f of the original %.3f ms, over the budget %.3f by more than "
                         "the measurement spread (IQR %.3f); the machine may be loaded", lat["median_s"] * 1e3, ratio,
                         before * 1e3, budget, spread)
@@ -526,4 +543,40 @@ class CompressStep:
             t = time.perf_counter()
             picked, worst = self.choose(work, prep, budget, cache=cache)
             timings["solve"] = time.perf_counter() - t
-            return self.finish(work, budget, prep, picked, worst, timings, t0)
+            corrections = self.settings.compression.latency.corrections if self.metric == "latency" else 0
+            if not corrections:
+                return self.finish(work, budget, prep, picked, worst, timings, t0)
+            return self._corrected(work, budget, prep, picked, worst, timings, t0, corrections, cache)
+
+    def _corrected(self, work: nn.Module, budget: float, prep: Prepared, picked: Mapping[str, int], worst: float,
+                   timings: dict[str, float], t0: float, corrections: int,
+                   cache: dict[str, Any] | None) -> OptimizeResult:
+        """Build at ``budget``; while the measured latency ratio ``m`` is over it by more than the spread,
+        put the dense layers back, re-plan at ``target * budget / m`` and rebuild (up to ``corrections``
+        times; a target below the smallest reachable ends the loop with the last plan that was built)."""
+        originals = {name: work.get_submodule(name) for name in prep.curves}
+        result = self.finish(work, budget, prep, picked, worst, timings, t0, warn=False)
+        target, done = budget, 0
+        while done < corrections:
+            ratio, spread = latency_overrun(result.plan)
+            if ratio <= budget + spread:
+                break
+            tighter = target * budget / ratio
+            try:
+                picked, worst = self.choose(_dense_again(work, result.plan, originals), prep, tighter, cache=cache)
+            except ValueError as exc:  # infeasible: rebuild the last plan
+                log.info("latency %.3f over the budget %.3f; no plan at %.3f (%s)", ratio, budget, tighter, exc)
+                picked, worst = self.choose(work, prep, target, cache=cache)
+                result = self.finish(work, budget, prep, picked, worst, timings, t0, warn=False)
+                break
+            done, target = done + 1, tighter
+            log.info("latency %.3f over the budget %.3f (spread %.3f): re-planned at %.3f", ratio, budget, spread,
+                     target)
+            result = self.finish(work, budget, prep, picked, worst, timings, t0, warn=False)
+        result.plan.totals.update(latency_target=target, latency_corrections=done)
+        ratio, spread = latency_overrun(result.plan)
+        if ratio > budget + spread:
+            log.warning("measured latency is %.3f of the original, over the budget %.3f by more than the measurement "
+                        "spread (IQR %.3f) after %d re-plan(s), the last at %.3f; the machine may be loaded",
+                        ratio, budget, spread, done, target)
+        return result

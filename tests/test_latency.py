@@ -278,3 +278,80 @@ def test_the_default_latency_cache_is_in_the_user_cache_folder(tmp_path, monkeyp
     assert cache.directory == tmp_path / "mine" / "latency" and cache.directory.is_dir()
     assert lat.LatencyCache(None).directory is None and lat.LatencyCache(False).directory is None
     assert LatencyConfig(cache=False).cache is None
+
+
+# ---- the closed loop: re-plan when the realised model measures over the budget ------------------
+
+def _fake_final_latency(monkeypatch, ratios):
+    """The realised model's measured latency, as the given sequence of ratios to the original (the last one
+    repeats): a stand-in for a model whose layers are slower together than one at a time, which no tiny
+    model on a shared CI machine shows reliably.  Returns the list of the measured models' plans' targets."""
+    import autorank.pipeline as pipeline_mod
+
+    seen = []
+    state = {"before": None}
+
+    def fake(model, example, repeats, warmup, threads, clock):
+        r = ratios[min(len(seen), len(ratios) - 1)]
+        seen.append(r)
+        return {"median_s": r * state["before"], "iqr_s": 0.0, "min_s": r * state["before"]}
+
+    monkeypatch.setattr(pipeline_mod, "measure_latency", fake)
+    return state, seen
+
+
+# (budget, measured ratios of the successive builds, corrections allowed, re-plans made, builds): the
+# targets stay well above the smallest reachable latency of wide_mlp (about 0.4), except in the last row
+LOOP_CASES = [
+    (0.8, [0.90, 0.78], 2, 1, 2),        # one re-plan brings it under the budget
+    (0.8, [0.90, 0.85, 0.84], 2, 2, 3),  # still over after the allowed two: kept, with a warning
+    (0.8, [0.90], 0, 0, 1),              # corrections off: the first build is the result
+    (0.8, [0.81, 0.79], 2, 1, 2),        # just over (no spread here): one re-plan
+    (0.8, [0.79], 2, 0, 1),              # within the budget: nothing to correct
+    (0.6, [1.50, 0.70], 2, 0, 2),        # 0.6 * 0.6 / 1.5 = 0.24 cannot be reached: the plan at 0.6 is rebuilt
+]
+
+
+@pytest.mark.parametrize("budget, ratios, corrections, replans, builds", LOOP_CASES)
+def test_latency_over_budget_is_re_planned_tighter(tmp_path, monkeypatch, caplog, budget, ratios, corrections,
+                                                    replans, builds):
+    import copy
+
+    from autorank import CompressStep, Settings
+
+    model, x = wide_mlp()
+    comp = Compression(latency=fast_latency(tmp_path, corrections=corrections))
+    step = CompressStep(x, Settings(compression=comp, metric="latency"))
+    prep = step.prepare(copy.deepcopy(model))
+    state, seen = _fake_final_latency(monkeypatch, ratios)
+    state["before"] = prep.latency["whole_s"]
+    prep.latency["whole_iqr_s"] = 0.0  # no spread either side: the table's ratios decide alone
+    work = copy.deepcopy(model)
+    with caplog.at_level("INFO", logger="autorank.pipeline"):
+        result = step(work, budget, prepared=prep)
+    t = result.plan.totals
+    assert len(seen) == builds  # one final measurement per build
+    final = ratios[min(builds - 1, len(ratios) - 1)]
+    assert t["latency"] / t["latency_before"] == pytest.approx(final)
+    if corrections:
+        assert t["latency_corrections"] == replans
+        # each re-plan tightens the target by budget / measured
+        want = budget
+        for r in ratios[:replans]:
+            want *= budget / r
+        assert t["latency_target"] == pytest.approx(want)
+        # the plan that was built fits its target in the predicted latency
+        assert t["latency_predicted"] / t["latency_before"] <= want * (1 + 1e-9)
+    else:
+        assert "latency_corrections" not in t
+    warned = any("over the budget" in rec.getMessage() and rec.levelname == "WARNING" for rec in caplog.records)
+    assert warned == (final > budget)
+    assert result.model is work and result.plan.budget == budget
+    # every layer the last plan compresses is factorised in the model, every other one is the original
+    for name, lp in result.plan.layers.items():
+        assert isinstance(work.get_submodule(name), nn.Linear) != lp.compressed
+
+
+def test_latency_corrections_must_be_a_count():
+    with pytest.raises(ValueError, match="corrections"):
+        LatencyConfig(corrections=-1)
