@@ -161,8 +161,10 @@ def main() -> None:
             rows.append((name, b, ratio, iqr, q, fq, better, same))
             print(f"  latency budget {b:.2f}: lat ratio {ratio:.3f} (IQR {iqr:.3f}, target <= {b + 0.05:.2f}: "
                   f"{'met' if ratio <= b + 0.05 else 'NOT met'}), predicted "
-                  f"{res.plan.totals['latency_predicted'] / res.plan.totals['latency_before']:.3f}, "
-                  f"lat {'cos' if higher_better else 'err'} {q:.4f}, flop {'cos' if higher_better else 'err'} "
+                  f"{res.plan.totals['latency_predicted'] / res.plan.totals['latency_before']:.3f}"
+                  + (f" after {res.plan.totals['latency_corrections']} re-plan(s) at "
+                     f"{res.plan.totals['latency_target']:.3f}" if res.plan.totals.get("latency_corrections") else "")
+                  + f", lat {'cos' if higher_better else 'err'} {q:.4f}, flop {'cos' if higher_better else 'err'} "
                   f"{fq:.4f} -> {'latency plan better' if better else 'equal' if same else 'FLOP plan better'}",
                   flush=True)
         if name in ("resnet50", "resnet18"):
