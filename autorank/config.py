@@ -188,8 +188,9 @@ class LatencyConfig:
                    it), so runs from any working directory share it; None (or False): no cache.
     corrections:   when the realised model measures over the budget by more than the measurement
                    spread (the layers' times, taken one layer at a time, can add up to less than
-                   the whole model's), re-plan at ``target * budget / measured`` and rebuild, at
-                   most this many times (0: never).  The plan records the target it was made for.
+                   the whole model's), re-plan at ``predicted * budget / measured`` and rebuild, at
+                   most this many times (0: never; docs/latency.md, "The closed loop").  The plan's
+                   totals record ``latency_target`` and ``latency_corrections``.
     """
 
     threads: int = 1

@@ -33,12 +33,12 @@ from .curves import LayerCurves, attach_latency, build_curves
 from .families import get_family
 from .families.memo import FIT_MEMO_BYTES, FitMemo, memo_scope
 from .families.attention import UnfusedMultiheadAttention, refuse_attention, unfuse_attention
-from .graph import LayerGraph, analyze, count_flops, count_params, replace_module
+from .graph import LayerGraph, analyze, count_flops, count_params
 from .latency import measure_latency
 from .plan import LayerPlan, Plan
 from .progress import progress_scope, stage
-from .realize import (check_finite_parameters, copy_model, find_outside_reads, preserve_rng, realize,
-                      restore_on_error)
+from .realize import (check_finite_parameters, copy_model, find_outside_reads, module_snapshot, preserve_rng,
+                      realize, restore_on_error, restore_snapshot)
 from .result import OptimizeResult
 from .sequential import sequential_refit
 from .solver import network_bound
@@ -58,14 +58,6 @@ def latency_overrun(plan: Plan) -> tuple[float, float]:
     t = plan.totals
     before = t["latency_before"]
     return t["latency"] / before, (t["latency_iqr"] + t["latency_before_iqr"]) / before
-
-
-def _dense_again(work: nn.Module, plan: Plan, originals: Mapping[str, nn.Module]) -> nn.Module:
-    """``work`` with the modules of ``plan``'s compressed layers put back to ``originals`` (in place)."""
-    for name, lp in plan.layers.items():
-        if lp.compressed and name in originals:
-            replace_module(work, name, originals[name])
-    return work
 
 
 def fixed_cost(curves: Mapping[str, LayerCurves], metric: str, total: float) -> float:
@@ -551,32 +543,42 @@ class CompressStep:
     def _corrected(self, work: nn.Module, budget: float, prep: Prepared, picked: Mapping[str, int], worst: float,
                    timings: dict[str, float], t0: float, corrections: int,
                    cache: dict[str, Any] | None) -> OptimizeResult:
-        """Build at ``budget``; while the measured latency ratio ``m`` is over it by more than the spread,
-        put the dense layers back, re-plan at ``target * budget / m`` and rebuild (up to ``corrections``
-        times; a target below the smallest reachable ends the loop with the last plan that was built)."""
-        originals = {name: work.get_submodule(name) for name in prep.curves}
+        """Build at ``budget``; while the measured latency ratio ``m`` is over it by more than the spread, put
+        ``work`` back as it was before the build, re-plan at ``p * budget / m`` (``p``: the built plan's
+        predicted ratio) and rebuild, up to ``corrections`` times, and never below the smallest
+        reachable ratio; the loop stops when no faster plan is left."""
+        before_build = module_snapshot(work)  # every child table: attentions fused back by a build included
+        floor = (prep.fixed + sum(float(lc.cost(self.metric).min()) for lc in prep.curves.values())) / prep.total
         result = self.finish(work, budget, prep, picked, worst, timings, t0, warn=False)
-        target, done = budget, 0
+        built_state = module_snapshot(work)
+        target, done, stuck = budget, 0, False
         while done < corrections:
             ratio, spread = latency_overrun(result.plan)
             if ratio <= budget + spread:
                 break
-            tighter = target * budget / ratio
-            try:
-                picked, worst = self.choose(_dense_again(work, result.plan, originals), prep, tighter, cache=cache)
-            except ValueError as exc:  # infeasible: rebuild the last plan
-                log.info("latency %.3f over the budget %.3f; no plan at %.3f (%s)", ratio, budget, tighter, exc)
-                picked, worst = self.choose(work, prep, target, cache=cache)
-                result = self.finish(work, budget, prep, picked, worst, timings, t0, warn=False)
+            t = result.plan.totals
+            built = min(target, t["latency_predicted"] / t["latency_before"])
+            tighter = max(built * budget / ratio, floor * (1 + 1e-9))
+            if tighter >= built:
+                stuck = True
+                log.info("latency %.3f over the budget %.3f; no faster plan is reachable (smallest %.3f)", ratio,
+                         budget, floor)
                 break
+            restore_snapshot(before_build)
+            new, worst = self.choose(work, prep, tighter, cache=cache)
             done, target = done + 1, tighter
             log.info("latency %.3f over the budget %.3f (spread %.3f): re-planned at %.3f", ratio, budget, spread,
                      target)
+            if new == dict(picked):  # the same plan again (discrete candidates): keep the build, tighten on
+                restore_snapshot(built_state)
+                continue
+            picked = new
             result = self.finish(work, budget, prep, picked, worst, timings, t0, warn=False)
+            built_state = module_snapshot(work)
         result.plan.totals.update(latency_target=target, latency_corrections=done)
         ratio, spread = latency_overrun(result.plan)
         if ratio > budget + spread:
+            why = "no faster plan is reachable" if stuck else f"after {done} re-plan(s), the last at {target:.3f}"
             log.warning("measured latency is %.3f of the original, over the budget %.3f by more than the measurement "
-                        "spread (IQR %.3f) after %d re-plan(s), the last at %.3f; the machine may be loaded",
-                        ratio, budget, spread, done, target)
+                        "spread (IQR %.3f); %s; the machine may be loaded", ratio, budget, spread, why)
         return result

@@ -138,7 +138,7 @@ class Plan:
                              f"(IQR {t.get('latency_iqr', 0.0) * 1e3:.3f} ms; {t['latency'] / t['latency_before']:.4f}"
                              f" of original; predicted {t.get('latency_predicted', 0.0) * 1e3:.3f} ms)")
                 if t.get("latency_corrections"):
-                    lines.append(f"         planned at {t['latency_target']:.4f} of the original after "
+                    lines.append(f"         planned at {t['latency_target']:.4f} of the predicted original after "
                                  f"{t['latency_corrections']} re-plan(s): the first build measured over the budget")
             before = t.get(f"{self.metric}_before")
             if before:

@@ -37,7 +37,8 @@ from .graph import replace_module
 from .modules import Factorized
 from .plan import Plan
 
-__all__ = ["realize", "replace_module", "densify", "restore_on_error", "copy_model", "meta_copy", "materialize",
+__all__ = ["realize", "replace_module", "densify", "restore_on_error", "module_snapshot", "restore_snapshot",
+           "copy_model", "meta_copy", "materialize",
            "find_outside_reads", "preserve_rng", "check_finite_parameters", "spill_to_disk"]
 
 log = logging.getLogger(__name__)
@@ -137,15 +138,25 @@ def restore_on_error(model: nn.Module) -> Iterator[nn.Module]:
     refit and :func:`autorank.load` do to the modules they replace, and the replaced
     modules themselves are never modified, so the model is exactly as it was.
     """
-    snapshot = [(m, list(m._modules.items()), m.training) for m in model.modules()]
+    snapshot = module_snapshot(model)
     try:
         yield model
     except BaseException:
-        for m, children, training in snapshot:
-            m._modules.clear()
-            m._modules.update(children)
-            m.training = training
+        restore_snapshot(snapshot)
         raise
+
+
+def module_snapshot(model: nn.Module) -> list[tuple[nn.Module, list[tuple[str, Any]], bool]]:
+    """The child-module table and training flag of every module of ``model`` (for :func:`restore_snapshot`)."""
+    return [(m, list(m._modules.items()), m.training) for m in model.modules()]
+
+
+def restore_snapshot(snapshot: list[tuple[nn.Module, list[tuple[str, Any]], bool]]) -> None:
+    """Put every module's children and training flag back as :func:`module_snapshot` recorded them."""
+    for m, children, training in snapshot:
+        m._modules.clear()
+        m._modules.update(children)
+        m.training = training
 
 
 SPILL_MIN_BYTES = 1 << 16  # smaller tensors stay in memory (a file per call, not per tensor, anyway)

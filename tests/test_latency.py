@@ -285,7 +285,8 @@ def test_the_default_latency_cache_is_in_the_user_cache_folder(tmp_path, monkeyp
 def _fake_final_latency(monkeypatch, ratios):
     """The realised model's measured latency, as the given sequence of ratios to the original (the last one
     repeats): a stand-in for a model whose layers are slower together than one at a time, which no tiny
-    model on a shared CI machine shows reliably.  Returns the list of the measured models' plans' targets."""
+    model on a shared CI machine shows reliably.  Returns ``(state, seen)``: set ``state["before"]`` to the
+    original's time; ``seen`` lists the ratios handed out, one per build."""
     import autorank.pipeline as pipeline_mod
 
     seen = []
@@ -303,18 +304,19 @@ def _fake_final_latency(monkeypatch, ratios):
 # (budget, measured ratios of the successive builds, corrections allowed, re-plans made, builds): the
 # targets stay well above the smallest reachable latency of wide_mlp (about 0.4), except in the last row
 LOOP_CASES = [
-    (0.8, [0.90, 0.78], 2, 1, 2),        # one re-plan brings it under the budget
-    (0.8, [0.90, 0.85, 0.84], 2, 2, 3),  # still over after the allowed two: kept, with a warning
-    (0.8, [0.90], 0, 0, 1),              # corrections off: the first build is the result
-    (0.8, [0.81, 0.79], 2, 1, 2),        # just over (no spread here): one re-plan
-    (0.8, [0.79], 2, 0, 1),              # within the budget: nothing to correct
-    (0.6, [1.50, 0.70], 2, 0, 2),        # 0.6 * 0.6 / 1.5 = 0.24 cannot be reached: the plan at 0.6 is rebuilt
+    (0.8, [0.90, 0.78], 2, 1, 2, 0.0),        # one re-plan brings it under the budget
+    (0.8, [0.90, 0.85, 0.84], 2, 2, 3, 0.0),  # still over after the allowed two: kept, with a warning
+    (0.8, [0.90], 0, 0, 1, 0.0),              # corrections off: the first build is the result
+    (0.8, [0.81, 0.79], 2, 1, 2, 0.0),        # just over, with no spread: one re-plan
+    (0.8, [0.81], 2, 0, 1, 0.02),             # just over, within the original's spread (0.02): kept as it is
+    (0.8, [0.79], 2, 0, 1, 0.0),              # within the budget: nothing to correct
+    (0.6, [1.50, 0.70], 2, 1, 2, 0.0),        # 0.6 * 0.6 / 1.5 = 0.24 is below the smallest reachable: clamped
 ]
 
 
-@pytest.mark.parametrize("budget, ratios, corrections, replans, builds", LOOP_CASES)
+@pytest.mark.parametrize("budget, ratios, corrections, replans, builds, spread_iqr", LOOP_CASES)
 def test_latency_over_budget_is_re_planned_tighter(tmp_path, monkeypatch, caplog, budget, ratios, corrections,
-                                                    replans, builds):
+                                                    replans, builds, spread_iqr):
     import copy
 
     from autorank import CompressStep, Settings
@@ -325,8 +327,20 @@ def test_latency_over_budget_is_re_planned_tighter(tmp_path, monkeypatch, caplog
     prep = step.prepare(copy.deepcopy(model))
     state, seen = _fake_final_latency(monkeypatch, ratios)
     state["before"] = prep.latency["whole_s"]
-    prep.latency["whole_iqr_s"] = 0.0  # no spread either side: the table's ratios decide alone
+    prep.latency["whole_iqr_s"] = spread_iqr * prep.latency["whole_s"]  # the original's spread; the fake has none
+    asked, predicted = [], []
+    choose, finish = CompressStep.choose, CompressStep.finish
+    monkeypatch.setattr(CompressStep, "choose",
+                        lambda self, w, p, b, **kw: (asked.append(b), choose(self, w, p, b, **kw))[1])
+
+    def finishing(self, *a, **kw):
+        res = finish(self, *a, **kw)
+        predicted.append(res.plan.totals["latency_predicted"] / res.plan.totals["latency_before"])
+        return res
+
+    monkeypatch.setattr(CompressStep, "finish", finishing)
     work = copy.deepcopy(model)
+    originals = dict(work.named_children())
     with caplog.at_level("INFO", logger="autorank.pipeline"):
         result = step(work, budget, prepared=prep)
     t = result.plan.totals
@@ -334,22 +348,23 @@ def test_latency_over_budget_is_re_planned_tighter(tmp_path, monkeypatch, caplog
     final = ratios[min(builds - 1, len(ratios) - 1)]
     assert t["latency"] / t["latency_before"] == pytest.approx(final)
     if corrections:
-        assert t["latency_corrections"] == replans
-        # each re-plan tightens the target by budget / measured
-        want = budget
-        for r in ratios[:replans]:
-            want *= budget / r
-        assert t["latency_target"] == pytest.approx(want)
+        assert t["latency_corrections"] == replans and len(asked) == replans + 1
+        # each re-plan asks for the built plan's predicted ratio (at most its target) times budget / measured
+        for i in range(replans):
+            f = min(asked[i], predicted[i]) * budget / ratios[i]
+            clamped = f < 0.3 and f < asked[i + 1] < asked[i]  # raised to the smallest reachable ratio
+            assert asked[i + 1] == pytest.approx(f) or clamped
+        assert t["latency_target"] == pytest.approx(asked[-1])
         # the plan that was built fits its target in the predicted latency
-        assert t["latency_predicted"] / t["latency_before"] <= want * (1 + 1e-9)
+        assert predicted[-1] <= asked[-1] * (1 + 1e-9)
     else:
-        assert "latency_corrections" not in t
+        assert "latency_corrections" not in t and len(asked) == 1
     warned = any("over the budget" in rec.getMessage() and rec.levelname == "WARNING" for rec in caplog.records)
-    assert warned == (final > budget)
+    assert warned == (final > budget + spread_iqr)
     assert result.model is work and result.plan.budget == budget
-    # every layer the last plan compresses is factorised in the model, every other one is the original
+    # every layer the last plan compresses is factorised in the model, every other one is the original object
     for name, lp in result.plan.layers.items():
-        assert isinstance(work.get_submodule(name), nn.Linear) != lp.compressed
+        assert (work.get_submodule(name) is originals[name]) != lp.compressed
 
 
 def test_latency_corrections_must_be_a_count():
