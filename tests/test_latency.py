@@ -370,3 +370,39 @@ def test_latency_over_budget_is_re_planned_tighter(tmp_path, monkeypatch, caplog
 def test_latency_corrections_must_be_a_count():
     with pytest.raises(ValueError, match="corrections"):
         LatencyConfig(corrections=-1)
+
+
+def test_latency_re_plan_on_a_model_with_attention(tmp_path, monkeypatch):
+    """Re-plans on a model with nn.MultiheadAttention (unfused by prepare): each rebuild starts from the model
+    as it was before the first build, and the result runs.  (Here the plans compress 4, 2 and 4 of the
+    projections; a first plan that leaves them all dense, so that the build fuses the attention back, is
+    not reached by this model.)"""
+    import copy
+
+    from autorank import CompressStep, Settings
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(128, 4, batch_first=True)
+            self.fc = nn.Linear(128, 512)
+            self.out = nn.Linear(512, 128)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc(x + self.attn(x, x, x, need_weights=False)[0])))
+
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(8, 32, 128)
+    step = CompressStep(x, Settings(compression=Compression(latency=fast_latency(tmp_path)), metric="latency"))
+    work = copy.deepcopy(model)
+    prep = step.prepare(work)  # unfuses the attention of work itself, as optimize does
+    state, seen = _fake_final_latency(monkeypatch, [0.99, 0.99, 0.5])
+    state["before"] = prep.latency["whole_s"]
+    prep.latency["whole_iqr_s"] = 0.0
+    result = step(work, 0.9, prepared=prep)
+    assert len(seen) >= 2 and result.plan.totals["latency_corrections"] >= 1
+    out = work(x)  # the rebuilt model runs
+    assert out.shape == (8, 32, 128) and torch.isfinite(out).all()
+    for name, lp in result.plan.layers.items():
+        dense = type(work.get_submodule(name)).__name__ in ("Linear", "NonDynamicallyQuantizableLinear")
+        assert lp.compressed != dense
