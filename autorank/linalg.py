@@ -90,6 +90,8 @@ __all__ = [
     "eigh_desc",
     "smaller_gram",
     "gram_eigh",
+    "gram_eigh_fast",
+    "FAST_EIGH_SIZE",
     "singular_values",
     "split_columns",
     "column_gram",
@@ -168,6 +170,27 @@ def gram_eigh(a: torch.Tensor, symmetrize: bool = False,
     gram, left = smaller_gram(a)
     evals, evecs = sym_eigh(gram, symmetrize, threads)
     return evals, evecs, left
+
+
+#: the size from which the conv families decompose in float32 the Gram matrices whose eigenvectors
+#: only become float32 layer weights (their errors are still measured in float64)
+FAST_EIGH_SIZE = 512
+
+
+def gram_eigh_fast(a: torch.Tensor, threads: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """:func:`gram_eigh` with the Gram matrix formed and decomposed in float32; eigenvectors returned float64.
+
+    For factors that end up as float32 layer weights: the subspaces are accurate to
+    ``~1e-7 lambda_1 / gap`` (float32 rounding), no worse than the rounding of the factors
+    to the layer's dtype, at about half the cost of float64 (measured on ResNet-18's
+    ``1536 x 1536`` spatial Gram matrices: 0.47 s against 1.11 s on one thread).  Callers
+    measure their errors in float64 from ``a`` and these eigenvectors (so an error stays the
+    error of what is built); the eigenvalues are float32's and only a guide.
+    """
+    a32 = a.to(torch.float32)
+    gram, left = smaller_gram(a32)
+    evals, evecs = sym_eigh(gram, threads=threads)
+    return evals.to(torch.float64), evecs.to(torch.float64), left
 
 
 def singular_values(a: torch.Tensor, threads: bool = False) -> torch.Tensor:

@@ -617,6 +617,51 @@ def test_spatial_svd_of_a_rank_deficient_kernel_is_exact_past_its_rank(shape):
     assert errors[0] > 0.01 and errors[1] < 1e-12 and errors[2] < 1e-12
 
 
+# (f, c, kh, kw): spatial matrices whose smaller side reaches FAST_EIGH_SIZE (float32 eigenvectors) or
+# stays below it (float64); the errors are those of a float64 SVD's truncations either way
+SPATIAL_PRECISION_CASES = [(176, 176, 3, 3), (176, 256, 3, 3), (176, 40, 3, 3)]
+
+
+@pytest.mark.parametrize("shape", SPATIAL_PRECISION_CASES, ids=lambda s: "x".join(map(str, s)))
+def test_spatial_svd_errors_match_a_float64_svd(shape):
+    from autorank.families.spatial import spatial_matrix, spatial_svd_errors, spatial_svd_factors, spatial_svd_weight
+    from autorank.linalg import FAST_EIGH_SIZE
+
+    f, c, kh, kw = shape
+    w = torch.randn(f, c, kh, kw, generator=torch.Generator().manual_seed(0))  # float32, as a layer's
+    m = spatial_matrix(w)
+    fast = min(m.shape) >= FAST_EIGH_SIZE
+    assert fast == (shape != (176, 40, 3, 3))  # the table covers both paths
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    ranks = [1, 7, min(m.shape) // 3, min(m.shape) // 2]
+    errors = spatial_svd_errors(w, ranks)
+    for k, err in zip(ranks, errors):
+        w_hat = ((u[:, :k] * s[:k]) @ vh[:k]).reshape(c, kh, kw, f).permute(3, 0, 1, 2)
+        ref = relative_spectral_error(w.reshape(f, -1).double(), w_hat.reshape(f, -1))
+        assert err == pytest.approx(ref, abs=1e-6), k
+        built = spatial_svd_weight(*spatial_svd_factors(w, k))
+        assert relative_spectral_error(w.reshape(f, -1).double(), built.reshape(f, -1)) == pytest.approx(err, abs=1e-7)
+
+
+def test_hooi_in_float32_is_no_worse_than_hosvd():
+    from autorank.families.tucker import fit
+    from autorank.linalg import FAST_EIGH_SIZE
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, FAST_EIGH_SIZE, 3)  # 512 output channels: HOOI sweeps in float32
+    w = conv.weight.detach().double()
+    frob = lambda u_in, u_out: float((w - tucker2_weight(u_in, tucker2_core(w, u_in, u_out), u_out)).norm())
+    u_in, u_out = hosvd(w, 3, 40)
+    swept = hooi(w, u_in, u_out, 2)
+    assert all(t.dtype == torch.float64 for t in swept)
+    assert frob(*swept) < frob(u_in, u_out)  # HOOI moves, and not up, at float32 precision
+    eye = torch.eye(40, dtype=torch.float64)
+    assert float((swept[1].T @ swept[1] - eye).abs().max()) < 1e-5  # orthonormal to float32 rounding
+    _, err, _ = fit(conv, 3, 40, 2)
+    _, err_hosvd, _ = fit(conv, 3, 40, 0)
+    assert err <= err_hosvd  # fit keeps the better of the two, measured in float64
+
+
 # (rows, cols, kind, rel): wide and tall, the small side past 64 (Lanczos) or not (LAPACK), full
 # rank, rank-deficient and zero; a degenerate top (60 equal singular values) and a clustered but
 # distinct one (20 values 1e-3 apart), where Lanczos needs the most steps and tol = 1e-6 bounds

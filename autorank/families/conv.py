@@ -176,13 +176,15 @@ def channel_spectra(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 @torch.no_grad()
-def leading_left(matrix: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+def leading_left(matrix: torch.Tensor, rank: int | None = None, fast: bool = False) -> torch.Tensor:
     """The ``rank`` leading left singular vectors of ``matrix`` (all when None), descending, float64.
 
-    From the eigendecomposition of ``A A^T``; the columns are orthonormal to rounding.
+    From the eigendecomposition of ``A A^T`` (formed and decomposed in float32 when ``fast``);
+    the columns are orthonormal to that precision's rounding.
     """
-    a = matrix.to(torch.float64)
+    a = matrix.to(torch.float32 if fast else torch.float64)
     _, vecs = sym_eigh(a @ a.T)
+    vecs = vecs.to(torch.float64)
     vecs = vecs.flip(-1)
     return vecs if rank is None else vecs[:, :rank]
 
@@ -192,7 +194,8 @@ def _lanczos_top(matvec: Callable[[torch.Tensor], torch.Tensor], diag: torch.Ten
                  restarts: int) -> tuple[float, torch.Tensor] | None:
     """Lanczos for the largest eigenvalue of the symmetric PSD operator ``matvec`` (float64).
 
-    ``diag``: the operator's diagonal (length ``n``).  Full reorthogonalisation, up to
+    ``diag``: the operator's diagonal (length ``n``).  Full reorthogonalisation (classical
+    Gram-Schmidt against the whole basis, repeated when it removed most of the vector's norm), up to
     ``steps`` Krylov vectors, then restarted, until ``|beta_j s_j| <= tol * theta`` (the
     residual ``||A v - theta v||``) with ``theta >= (1 - 1e-9) max(diag)``: a Ritz value below the largest
     diagonal entry (a lower bound of ``lambda_max``) means the start missed the top
@@ -212,25 +215,36 @@ def _lanczos_top(matvec: Callable[[torch.Tensor], torch.Tensor], diag: torch.Ten
     floor, top = float(diag.max()), int(diag.argmax())
     for _ in range(restarts):
         q = torch.zeros(m + 1, n, dtype=like.dtype, device=like.device)
-        q[0] = v / v.norm()
+        torch.div(v, v.norm(), out=q[0])
         alpha, beta = np.zeros(m), np.zeros(m)
-        theta, s, k = 0.0, np.ones(1), 0
+        theta, s, k, amax = 0.0, np.ones(1), 0, 0.0
         for j in range(m):
             z = matvec(q[j])
-            alpha[j] = float(q[j] @ z)
-            z = z - q[:j + 1].T @ (q[:j + 1] @ z)
-            z = z - q[:j + 1].T @ (q[:j + 1] @ z)  # twice is enough (Kahan)
+            before = float(z.norm())
+            basis = q[:j + 1]
+            h = basis @ z  # h[j] = q_j^T A q_j = alpha_j
+            z = torch.addmv(z, basis.T, h, alpha=-1.0)
+            alpha[j] = float(h[j])
             beta[j] = float(z.norm())
+            if beta[j] < 0.7071 * before:  # most of A q_j was in the basis: once more (Daniel-Gragg-Kaufman-Stewart)
+                h = basis @ z
+                z = torch.addmv(z, basis.T, h, alpha=-1.0)
+                alpha[j] += float(h[j])
+                beta[j] = float(z.norm())
             k = j + 1
-            invariant = beta[j] <= 1e-14 * max(float(np.abs(alpha[:k]).max()), 1e-300)
+            amax = max(amax, abs(alpha[j]))
+            invariant = beta[j] <= 1e-14 * max(amax, 1e-300)
             if not invariant:
-                q[k] = z / beta[j]
+                torch.div(z, beta[j], out=q[k])
             if invariant or k == m or k % 10 == 0:
-                vals, vecs = eigh_tridiagonal(alpha[:k], beta[:k - 1])
+                if k == 1:
+                    vals, vecs = alpha[:1], np.ones((1, 1))
+                else:  # the top Ritz pair only
+                    vals, vecs = eigh_tridiagonal(alpha[:k], beta[:k - 1], select="i", select_range=(k - 1, k - 1))
                 theta, s = float(vals[-1]), vecs[:, -1]
                 if invariant or abs(beta[j] * s[-1]) <= tol * max(abs(theta), 1e-300):
                     break
-        v = q[:k].T @ torch.from_numpy(s).to(like)
+        v = q[:k].T @ torch.from_numpy(np.ascontiguousarray(s)).to(like)
         v = v / v.norm()
         converged = invariant or abs(beta[k - 1] * s[-1]) <= tol * max(abs(theta), 1e-300)
         if converged and theta >= floor * (1 - 1e-9):  # within 1e-9 of a lower bound: as good as exact

@@ -54,6 +54,7 @@ import torch.nn as nn
 
 from ..config import CurveConfig
 from ..graph import LayerInfo
+from ..linalg import FAST_EIGH_SIZE
 from ..measures import check_hyper, rank_grid, relative_errors
 from ..modules import Factorized
 from ..vbmf import evbmf_rank
@@ -87,16 +88,24 @@ def hosvd(weight: torch.Tensor, rank_in: int, rank_out: int,
 
 def hooi(weight: torch.Tensor, u_in: torch.Tensor, u_out: torch.Tensor,
          iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``iters`` HOOI sweeps from ``(U_in, U_out)``: first ``U_in`` given ``U_out``, then ``U_out`` given ``U_in``."""
-    w = weight.detach().to(torch.float64)
-    f, c = w.shape[:2]
+    """``iters`` HOOI sweeps from ``(U_in, U_out)``: first ``U_in`` given ``U_out``, then ``U_out`` given ``U_in``.
+
+    Kernels with ``FAST_EIGH_SIZE`` or more channels on a side sweep in float32 (the factors
+    become float32 weights, and :func:`fit` measures HOOI's error in float64 against the
+    HOSVD's, keeping the better): 0.57 s -> 0.3 s on a 512 x 512 x 3 x 3 kernel.  Returns float64.
+    """
+    f, c = weight.shape[:2]
+    fast = max(f, c) >= FAST_EIGH_SIZE
+    dt = torch.float32 if fast else torch.float64
+    w = weight.detach().to(dt)
     r3, r4 = u_in.shape[1], u_out.shape[1]
+    u_in, u_out = u_in.to(dt), u_out.to(dt)
     for _ in range(iters):
         part = torch.einsum("fcyx,fa->cayx", w, u_out).reshape(c, -1)  # (W x_out U_out^T)_(in)
-        u_in = leading_left(part, r3)
+        u_in = leading_left(part, r3, fast).to(dt)
         part = torch.einsum("fcyx,cb->fbyx", w, u_in).reshape(f, -1)  # (W x_in U_in^T)_(out)
-        u_out = leading_left(part, r4)
-    return u_in, u_out
+        u_out = leading_left(part, r4, fast).to(dt)
+    return u_in.to(torch.float64), u_out.to(torch.float64)
 
 
 def tucker2_core(weight: torch.Tensor, u_in: torch.Tensor, u_out: torch.Tensor) -> torch.Tensor:
@@ -171,7 +180,10 @@ def tucker2_hosvd_errors(weight: torch.Tensor, rank_in: Sequence[int] | np.ndarr
         S(R3) = T[:, :R3*K] T[:, :R3*K]^T,
 
     ``S`` accumulated over the sorted ``R3`` (one Gram matrix for all pairs), then
-    ``lambda_max(E E^T)`` by :func:`top_eigen`.  ``bases``: ``(U_in, U_out)`` of :func:`hosvd_spectra`.
+    ``lambda_max(E E^T)`` by :func:`top_eigen`.  ``T T^T = U_out^T W_(out) W_(out)^T U_out`` is
+    diagonal (``U_out`` are the eigenvectors of ``W_(out) W_(out)^T``), so it is taken as the
+    diagonal of squared row norms of ``T``, and ``||W||_2^2`` as its largest entry.
+    ``bases``: the full ``(U_in, U_out)`` of :func:`hosvd_spectra` (square, orthogonal).
     """
     w = weight.detach()
     f, c = w.shape[:2]
@@ -184,8 +196,9 @@ def tucker2_hosvd_errors(weight: torch.Tensor, rank_in: Sequence[int] | np.ndarr
         bases = (spectra[1], spectra[3])
     t = _rotated(w, bases)
     taps = t.shape[1] // c
-    gram = t @ t.T
-    norm2, _ = top_eigen(gram)
+    # T T^T = U_out^T W_(out) W_(out)^T U_out = diag(lam_out): U_out diagonalises it (to rounding)
+    gram = torch.diag((t * t).sum(1))
+    norm2 = float(gram.diagonal().max()) if f else 0.0
     errors = np.zeros(len(r3), dtype=np.float64)
     if norm2 <= 0.0:
         return errors
