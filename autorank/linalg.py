@@ -105,6 +105,7 @@ __all__ = [
     "weighted_gram",
     "moment_blocks",
     "whitened_eigen",
+    "whitened_basis",
     "block_eigen",
     "whitened_factors",
     "whitened_factors_cholesky",
@@ -422,9 +423,24 @@ def block_eigen(w: torch.Tensor, m: torch.Tensor) -> list[tuple[torch.Tensor, to
 
 
 @torch.no_grad()
+def whitened_basis(
+    weight: torch.Tensor, moment: torch.Tensor, groups: int,
+    output: torch.Tensor | None = None, output_damping: float = OUTPUT_DAMPING,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """``(W blocks, block_eigen, S^{-1} or None)``: the part of :func:`whitened_factors` that no rank changes.
+
+    Not for tall layers (:func:`is_tall`), whose factors come from ``W^T W`` instead.
+    """
+    weight, inv = output_weighted(weight, output, output_damping)
+    w, m = moment_blocks(weight, moment, groups)
+    return w, block_eigen(w, m), inv
+
+
+@torch.no_grad()
 def whitened_factors(
     weight: torch.Tensor, moment: torch.Tensor, groups: int, rank: int,
     output: torch.Tensor | None = None, output_damping: float = OUTPUT_DAMPING,
+    basis: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of the per-group whitened truncation ``W_hat_i = U_ij U_ij^T W_i = B_i A_i``.
 
@@ -433,16 +449,16 @@ def whitened_factors(
     and ``B`` is ``(groups, f, rank)``, float64.  The scale of each rank-one term is
     balanced between ``A`` and ``B`` (``||a_l|| = ||b_l||``), which leaves the product
     unchanged.  With an output moment ``output = G``: the factors of ``S W`` under ``M``,
-    then ``B <- S^{-1} B`` (the two-sided truncation, module docstring).
+    then ``B <- S^{-1} B`` (the two-sided truncation, module docstring).  ``basis``: the
+    :func:`whitened_basis` of the same arguments, shared by several ranks of one layer.
     """
     if is_tall(weight, moment, groups, output):
         return _tall_whitened_factors(weight, moment, groups, rank)
-    weight, inv = output_weighted(weight, output, output_damping)
-    w, m = moment_blocks(weight, moment, groups)
+    w, eig, inv = basis if basis is not None else whitened_basis(weight, moment, groups, output, output_damping)
     k, f, nk = w.shape
     if not 1 <= rank <= min(f, nk):
         raise ValueError(f"rank must be in [1, {min(f, nk)}] for a {f}x{nk} block, got {rank}")
-    b = torch.stack([u[:, :rank] for _, u in block_eigen(w, m)])  # (k, f, rank), orthonormal (or zero) columns
+    b = torch.stack([u[:, :rank] for _, u in eig])  # (k, f, rank), orthonormal (or zero) columns
     a = b.transpose(1, 2) @ w  # (k, rank, nk)
     if inv is not None:
         b = inv @ b

@@ -61,14 +61,14 @@ import torch.nn as nn
 from ._util import progress_bar
 from .calibration import layer_rows
 from .families import get_family, output_kwargs
-from .layers import get_layer_handler, set_weight_matrix
+from .layers import LINEAR_KINDS, get_layer_handler, set_weight_matrix
 from .linalg import rows_matmul
 from .modules import Factorized
 from .nested import entry, run_model
 from .plan import Plan
 from .realize import replace_module
 
-__all__ = ["refit_layer", "sequential_refit", "refit_stages", "CrossMoments"]
+__all__ = ["refit_layer", "sequential_refit", "refit_stages", "CrossMoments", "paired_sums"]
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,16 @@ class CrossMoments:
         self.count = 0
 
     def update(self, x: torch.Tensor, h: torch.Tensor) -> None:
-        if x.shape != h.shape:
-            raise RuntimeError(f"the original and the compressed layer see inputs of different shapes: "
-                               f"{tuple(x.shape)} vs {tuple(h.shape)}")
-        x, h = x.detach().to(torch.float64), h.detach().to(torch.float64)
-        self.hh.addmm_(h.T, h)
-        self.xh.addmm_(x.T, h)
-        self.x += x.sum(0)
-        self.h += h.sum(0)
-        self.count += x.shape[0]
+        self.add(paired_sums(x, h))
+
+    def add(self, sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]) -> None:
+        """Add the :func:`paired_sums` of a batch of rows (shared by the layers that read the same rows)."""
+        hh, xh, x, h, count = sums
+        self.hh += hh
+        self.xh += xh
+        self.x += x
+        self.h += h
+        self.count += count
 
     def centred(self, bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(C, X, mu, mu_hat)``: covariances about the means when ``bias``, else raw moments and zero means."""
@@ -107,6 +108,15 @@ class CrossMoments:
         if not bias:
             return c, x, torch.zeros_like(mu), torch.zeros_like(mu_hat)
         return c - torch.outer(mu_hat, mu_hat), x - torch.outer(mu, mu_hat), mu, mu_hat
+
+
+def paired_sums(x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(H^T H, X^T H, sum x, sum h, N)`` of paired rows ``X``, ``H`` (``N x n``), float64."""
+    if x.shape != h.shape:
+        raise RuntimeError(f"the original and the compressed layer see inputs of different shapes: "
+                           f"{tuple(x.shape)} vs {tuple(h.shape)}")
+    x, h = x.detach().to(torch.float64), h.detach().to(torch.float64)
+    return h.T @ h, x.T @ h, x.sum(0), h.sum(0), x.shape[0]
 
 
 def effective_weight(weight: torch.Tensor, cross: torch.Tensor, cov: torch.Tensor,
@@ -214,10 +224,20 @@ def _stage_rows(model: nn.Module, stage: Sequence[str], kinds: Mapping[str, str]
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in stage}
     mask = entry(batch, mask_key)
     handles = []
+    # Linear-like layers called on the same tensor (q/k/v, gate/up) get the same rows object, so
+    # that sequential_refit computes their moments once; the tensor is kept, so its id stays unique
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rows_of(name: str, x: torch.Tensor) -> torch.Tensor:
+        if kinds[name] not in LINEAR_KINDS:
+            return layer_rows(geometry[name], x, kinds[name], mask)
+        if id(x) not in seen:
+            seen[id(x)] = (x, layer_rows(geometry[name], x, kinds[name], mask))
+        return seen[id(x)][1]
 
     def make(name: str):
         def hook(mod, args):
-            rows[name].append(layer_rows(geometry[name], args[0], kinds[name], mask))
+            rows[name].append(rows_of(name, args[0]))
             if stop and all(rows[n] for n in stage):
                 raise _Stop
         return hook
@@ -296,9 +316,13 @@ def sequential_refit(
             for batch, own in zip(batches, model_batches):
                 ref_rows = _stage_rows(reference, stage, kinds, batch, mask_key, stop, dense)
                 new_rows = _stage_rows(model, stage, kinds, own, mask_key, stop, dense)
+                sums: dict[tuple[int, int], tuple] = {}  # layers reading the same rows share the products
                 for n in stage:
                     for x, h in zip(ref_rows[n], new_rows[n]):
-                        acc.setdefault(n, CrossMoments(x.shape[1])).update(x, h)
+                        key = (id(x), id(h))
+                        if key not in sums:
+                            sums[key] = paired_sums(x, h)
+                        acc.setdefault(n, CrossMoments(x.shape[1])).add(sums[key])
             for n in stage:
                 if n not in acc:
                     continue

@@ -456,3 +456,41 @@ def test_save_and_load_round_trip(family, tmp_path):
     loaded = autorank.load(tmp_path / "m", TinyMLP())
     with torch.no_grad():
         assert torch.allclose(loaded(x), res.model(x), atol=1e-6)
+
+
+# (module, groups, with an output moment): the ranks built inside shared_bases reuse one basis
+SHARED_BASIS_CASES = [
+    (lambda: nn.Linear(12, 8), 1, False),
+    (lambda: nn.Linear(12, 8), 2, True),
+    (lambda: nn.Conv2d(4, 6, 3), 2, False),
+]
+
+
+@pytest.mark.parametrize("make,groups,with_output", SHARED_BASIS_CASES)
+def test_shared_bases_build_the_same_factors_from_one_eigendecomposition(make, groups, with_output, monkeypatch):
+    import autorank.linalg as linalg
+    from autorank.families.alds import shared_bases
+
+    torch.manual_seed(0)
+    layer = make()
+    n = layer.weight[0].numel()
+    x = torch.randn(64, n)
+    moment = (x.T @ x / 64).double()
+    f = layer.weight.shape[0]
+    y = torch.randn(32, f)
+    output = (y.T @ y / 32).double() if with_output else None
+    alds = autorank.get_family("alds")
+    extra = {"output": output} if with_output else {}
+    calls = []
+    real = linalg.block_eigen
+    monkeypatch.setattr(linalg, "block_eigen", lambda w, m: calls.append(1) or real(w, m))
+    ranks = [1, 2, 3]
+    alone = [alds.realize(layer, {"groups": groups, "rank": j}, moment, **extra) for j in ranks]
+    assert len(calls) == len(ranks)
+    calls.clear()
+    with shared_bases():
+        shared = [alds.realize(layer, {"groups": groups, "rank": j}, moment, **extra) for j in ranks]
+    assert len(calls) == 1
+    for a, b in zip(alone, shared):
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert ka == kb and torch.equal(va, vb), ka

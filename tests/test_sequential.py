@@ -263,3 +263,44 @@ def test_sequential_leaves_the_callers_model_and_training_mode_alone():
 def test_sequential_argument_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         autorank.optimize(_mlp(), 0.5, torch.randn(4, 16), **kwargs)
+
+
+class _Fan(nn.Module):
+    """Three Linear layers on one tensor (as q/k/v), or on three equal copies of it."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre = nn.Linear(12, 12)
+        self.q, self.k, self.v = nn.Linear(12, 10), nn.Linear(12, 10), nn.Linear(12, 10)
+        self.shared = shared
+
+    def forward(self, x):
+        h = torch.relu(self.pre(x))
+        hs = (h, h, h) if self.shared else (h.clone(), h.clone(), h.clone())
+        return self.q(hs[0]) * self.k(hs[1]) + self.v(hs[2])
+
+
+def test_layers_reading_one_tensor_share_the_refit_products(monkeypatch):
+    import autorank.sequential as seq
+
+    calls = []
+    real = seq.paired_sums
+    monkeypatch.setattr(seq, "paired_sums", lambda x, h: calls.append(x.shape) or real(x, h))
+    batches = [torch.randn(16, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    out = {}
+    for shared in (True, False):
+        calls.clear()
+        res = autorank.optimize(_Fan(shared), 0.5, batches[0], calibration=batches,
+                                data=autorank.DataAware(output_weighting=False, output_allocation=False),
+                                progress=False)
+        refitted = [n for n, lp in res.plan.layers.items() if lp.compressed and n != "pre"]
+        assert len(refitted) >= 2, res.plan.layers  # the case needs several of q/k/v compressed
+        out[shared] = (res.plan.layers, res.model.state_dict(), len(calls))
+    # the same plan and bit-identical weights, with one product per batch for the layers reading h
+    assert {n: (lp.family, lp.hyper) for n, lp in out[True][0].items()} == \
+        {n: (lp.family, lp.hyper) for n, lp in out[False][0].items()}
+    for key, value in out[True][1].items():
+        assert torch.equal(value, out[False][1][key]), key
+    n_other = out[False][2] - len(refitted) * len(batches)  # the products of the layers not reading h
+    assert out[True][2] == n_other + len(batches)

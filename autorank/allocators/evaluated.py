@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..families import get_family, output_kwargs
+from ..families.alds import shared_bases
 from ..graph import replace_module
 from ..nested import flat_output, run_model, tensors
 from ..progress import track
@@ -124,19 +125,20 @@ def _score_layers(ctx: AllocationContext, tables: Mapping[str, RankTable],
         old = work.get_submodule(name)
         wanted = sorted({1} | {ratio_rank(r, t.full) for r in ratios})
         rows = []
-        for j in wanted:
-            if not t.index[j]:
-                continue  # not cheaper than dense: taken as dense
-            new = alds.realize(old, {"groups": 1, "rank": int(j)}, ctx.input_moment(name),
-                               **output_kwargs(alds, ctx.output_moment(name)))
-            new.train(old.training)
-            replace_module(work, name, new)
-            try:
-                with skip(work, name):
-                    q = float(score(work))
-            finally:
-                replace_module(work, name, old)
-            rows.append([int(j), q if math.isfinite(q) else -math.inf])  # NaN scores count as the worst
+        moment, extra = ctx.input_moment(name), output_kwargs(alds, ctx.output_moment(name))
+        with shared_bases():  # the ranks of this layer share one whitened eigendecomposition
+            for j in wanted:
+                if not t.index[j]:
+                    continue  # not cheaper than dense: taken as dense
+                new = alds.realize(old, {"groups": 1, "rank": int(j)}, moment, **extra)
+                new.train(old.training)
+                replace_module(work, name, new)
+                try:
+                    with skip(work, name):
+                        q = float(score(work))
+                finally:
+                    replace_module(work, name, old)
+                rows.append([int(j), q if math.isfinite(q) else -math.inf])  # NaN scores count as the worst
         scores[name] = rows
     return scores
 

@@ -72,8 +72,10 @@ Face ``Conv1D``, ``nn.Conv1d``/``nn.Conv2d`` and, when the analyser is asked to,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -85,14 +87,14 @@ from ..graph import LayerInfo
 from ..layers import LINEAR_KINDS, get_layer_handler
 from ..linalg import (OUTPUT_DAMPING, block_eigen, check_blocks, column_gram, grouped_low_rank_factors, is_tall, moment_blocks,
                       output_roots, output_weighted, singular_values, split_columns, tall_whitened_eigen,
-                      whitened_factors)
+                      whitened_basis, whitened_factors)
 from ..measures import check_hyper
 from ..modules import Factorized
 from .base import CandidateColumns, Family, register_family, supports_kinds
 
 __all__ = ["divisors_upto", "group_singular_values", "grouped_error_curves", "alds_cost", "whitened_error_curve",
            "GroupedLowRankLinear", "GroupedLowRankConv", "LowRankEmbedding", "dense_from_factors",
-           "group_choices", "build", "ALDS"]
+           "group_choices", "build", "shared_bases", "ALDS"]
 
 
 # ---- maths ----------------------------------------------------------------------------------
@@ -513,10 +515,37 @@ def _candidates(module: nn.Module, info: LayerInfo, config: CurveConfig,
                             params=weights + bias, flops=flops)
 
 
+_SHARED_BASES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("autorank_alds_bases", default=None)
+
+
+@contextlib.contextmanager
+def shared_bases() -> Iterator[None]:
+    """Inside, the data-aware builds of one weight under one pair of moment tensors share one
+    eigendecomposition (:func:`autorank.linalg.whitened_basis`) across ranks.
+
+    For callers that build several ranks of the same layer in a row (the allocator probes); open
+    it around one layer, so that at most one layer's basis is held.  Entries are keyed by the
+    storage of the weight and of the moment tensors (kept alive by the entry), so pass the same
+    moment tensor objects to every build inside.
+    """
+    token = _SHARED_BASES.set({})
+    try:
+        yield
+    finally:
+        _SHARED_BASES.reset(token)
+
+
 def _factors(w: torch.Tensor, k: int, j: int, moment: torch.Tensor | None, output: torch.Tensor | None = None):
     if moment is None:
         return grouped_low_rank_factors(w, k, j)
-    return whitened_factors(w, moment, k, j, output=output)
+    cache = _SHARED_BASES.get()
+    if cache is None or is_tall(w, moment, k, output):
+        return whitened_factors(w, moment, k, j, output=output)
+    key = (w.data_ptr(), tuple(w.shape), w.dtype, w._version, k, moment.data_ptr(), moment._version,
+           None if output is None else (output.data_ptr(), output._version))
+    if key not in cache:
+        cache[key] = (w, moment, output, whitened_basis(w.detach(), moment, k, output))
+    return whitened_factors(w, moment, k, j, output=output, basis=cache[key][3])
 
 
 def build(module: nn.Module, hyper: dict[str, Any], moment: torch.Tensor | None = None,
