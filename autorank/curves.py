@@ -136,7 +136,8 @@ def build_layer_curves(
     Candidates are kept when they are cheaper than dense in ``metric`` (in MACs for
     ``"latency"``: the measured times come later, :func:`attach_latency`) and, with a rank
     multiple ``m`` (:func:`autorank.config.rank_multiple`), when every ``rank*``
-    hyperparameter is a multiple of ``m``.  ``moment``: the layer's input second moment (data-aware errors), or None;
+    hyperparameter is a multiple of ``m`` or below ``m`` (a rank inside the first tile: for a
+    layer only a few tiles wide, those are the only candidates cheaper than dense).  ``moment``: the layer's input second moment (data-aware errors), or None;
     ``output``: its output moment ``G`` (output-weighted errors, for the families
     with ``fits_output``), or None.
     """
@@ -158,10 +159,11 @@ def build_layer_curves(
         _check_columns(fname, cand)
         cost = cand.params if metric == "params" else cand.flops
         ok = cost < dense_cost
-        if multiple > 1:
+        if multiple > 1:  # ranks below one tile stay: for a narrow layer they are the only cheaper ones
             for key, col in cand.hyper.items():
                 if key.startswith("rank"):
-                    ok &= np.asarray(col) % multiple == 0
+                    col = np.asarray(col)
+                    ok &= (col % multiple == 0) | (col < multiple)
         keep = np.nonzero(ok)[0]
         if len(keep) == 0:
             continue

@@ -58,7 +58,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ._util import progress_bar
+from ._util import parallel_map, progress_bar
 from .calibration import layer_rows
 from .families import get_family, output_kwargs
 from .layers import LINEAR_KINDS, get_layer_handler, set_weight_matrix
@@ -323,16 +323,20 @@ def sequential_refit(
                         if key not in sums:
                             sums[key] = paired_sums(x, h)
                         acc.setdefault(n, CrossMoments(x.shape[1])).add(sums[key])
-            for n in stage:
-                if n not in acc:
-                    continue
+            todo = [n for n in stage if n in acc]
+
+            def fit(n: str) -> nn.Module:
                 lp = plan.layers[n]
+                return refit_layer(reference.get_submodule(n), model.get_submodule(n), lp.family, lp.hyper,
+                                   acc[n], damping, output=(output_moments or {}).get(n))
+
+            # the layers of a stage are independent: their solves and eigendecompositions run side by side
+            fitted = parallel_map(fit, todo, weight=lambda n: acc[n].hh.shape[0])
+            for n, new in zip(todo, fitted):
                 built = model.get_submodule(n)
-                new = refit_layer(reference.get_submodule(n), built, lp.family, lp.hyper, acc[n], damping,
-                                  output=(output_moments or {}).get(n))
                 was[new] = was.get(built, False)
                 if not isinstance(new, Factorized):  # pragma: no cover - realize() checks the same
-                    raise TypeError(f"family {lp.family!r} built a {type(new).__name__} for {n!r}")
+                    raise TypeError(f"family {plan.layers[n].family!r} built a {type(new).__name__} for {n!r}")
                 replace_module(model, n, new)
                 done.append(n)
     finally:

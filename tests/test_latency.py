@@ -225,11 +225,25 @@ def test_unwritable_cache_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("m", [2, 4])
 def test_rank_multiple_on_any_metric(metric, m):
     model, x = build("mlp")
-    result = autorank.optimize(model, 0.5, x, metric=metric, compression=Compression(curves=CurveConfig(rank_multiple=m)))
-    ranks = [lp.hyper["rank"] for lp in result.plan.layers.values() if lp.compressed]
-    assert ranks and all(r % m == 0 for r in ranks)
+    step = autorank.CompressStep(x, autorank.Settings(metric, Compression(curves=CurveConfig(rank_multiple=m))))
+    prep = step.prepare(model)
+    ranks = [lc.candidate(i)["hyper"]["rank"] for lc in prep.curves.values() for i in range(1, len(lc.family))]
+    # multiples of m, and the ranks inside the first tile
+    assert ranks and all(r % m == 0 or r < m for r in ranks) and {r for r in ranks if r < m} == set(range(1, m))
+    assert any(r > m and r % m == 0 for r in ranks) and not any(r > m and r % m for r in ranks)
+    result = step(model, 0.5, prepared=prep)
+    assert all(lp.hyper["rank"] in ranks for lp in result.plan.layers.values() if lp.compressed)
     with pytest.raises(ValueError, match="rank_multiple"):
         CurveConfig(rank_multiple=0)
+
+
+def test_a_layer_narrower_than_one_tile_keeps_its_low_ranks():
+    # 16 -> 16: rank 16 saves nothing, so with only multiples of 16 the layer would have no candidate
+    model, x = nn.Sequential(nn.Linear(16, 16)), torch.randn(4, 16)
+    step = autorank.CompressStep(x, autorank.Settings("params", Compression(curves=CurveConfig(rank_multiple=16))))
+    curves = step.prepare(model).curves["0"]
+    ranks = sorted({curves.candidate(i)["hyper"]["rank"] for i in range(1, len(curves.family))})
+    assert ranks == list(range(1, 8))  # rank * (16 + 16) < 256 up to rank 7
 
 
 @pytest.mark.parametrize("shape, groups", [((5, 24), 3), ((2, 7, 24), 4), ((24,), 2), ((3, 24), 1)])
